@@ -3,3 +3,19 @@
 Backends: ``local`` (a SQLite file, for the embedded run) and ``kubeflow`` (the Kubeflow Model
 Registry through the ``model-registry`` client). See ``base.py`` for the contract.
 """
+
+from fraud_common.registry.base import ModelNotFound, ModelRegistry, ModelVersion, RegistryError
+from fraud_common.settings import Settings
+
+__all__ = ["ModelNotFound", "ModelRegistry", "ModelVersion", "RegistryError", "open_registry"]
+
+
+def open_registry(settings: Settings) -> ModelRegistry:
+    """The registry backend named by ``settings.registry_backend``."""
+    if settings.registry_backend == "kubeflow":
+        from fraud_common.registry.kubeflow import KubeflowModelRegistry
+
+        return KubeflowModelRegistry.from_settings(settings)
+    from fraud_common.registry.local import LocalModelRegistry
+
+    return LocalModelRegistry(settings.registry_uri)
