@@ -1,0 +1,222 @@
+#!/usr/bin/env bash
+# Stand the fraud-detection stack up on a local kind cluster, in one command; safe to rerun.
+#
+#   ./setup.sh                 kind: cluster, KFP standalone, cert-manager, KServe (RawDeployment),
+#                              Model Registry, Spark Operator, manifests/, data upload
+#   ./setup.sh --openshift     OpenShift AI: apply dspa/ to the current `oc` project context
+#   ./setup.sh --skip-data     do not generate and upload data
+#   ./setup.sh --users N       size of the generated data set (default 20000)
+#
+# Every install step is idempotent (create-if-absent, apply, helm upgrade --install) and every
+# wait has a timeout that names what did not become ready. Versions are pinned below.
+set -euo pipefail
+
+# ---------------------------------------------------------------- pinned versions
+KIND_CLUSTER="${KIND_CLUSTER:-fraud-detection}"
+KIND_NODE_IMAGE="kindest/node:v1.32.2"
+KFP_VERSION="2.15.0"
+CERT_MANAGER_VERSION="v1.17.2"
+KSERVE_VERSION="v0.17.0"
+MODEL_REGISTRY_VERSION="v0.3.4"
+SPARK_OPERATOR_CHART_VERSION="2.5.1"
+
+NAMESPACE="fraud-detection"
+KFP_NAMESPACE="kubeflow"
+BUCKET="fraud-detection"
+WAIT_TIMEOUT="${WAIT_TIMEOUT:-600s}"
+MINIO_LOCAL_PORT="${MINIO_LOCAL_PORT:-19000}"
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+OPENSHIFT=false
+SKIP_DATA=false
+USERS=20000
+
+usage() {
+    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+}
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --openshift) OPENSHIFT=true ;;
+        --skip-data) SKIP_DATA=true ;;
+        --users) USERS="${2:?--users needs a number}"; shift ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "setup.sh: unknown option '$1'" >&2; usage >&2; exit 2 ;;
+    esac
+    shift
+done
+
+log() { printf '\n==> %s\n' "$*"; }
+die() { printf 'setup.sh: %s\n' "$*" >&2; exit 1; }
+
+need() {
+    local tool
+    for tool in "$@"; do
+        command -v "$tool" >/dev/null 2>&1 || die "'$tool' is required but not on PATH"
+    done
+}
+
+# wait_for <what> <kubectl wait args...>: a bounded wait with a message that says what failed.
+wait_for() {
+    local what="$1"; shift
+    echo "    waiting (up to ${WAIT_TIMEOUT}) for ${what}"
+    if ! kubectl wait --timeout="${WAIT_TIMEOUT}" "$@"; then
+        die "timed out waiting for ${what}; inspect with: kubectl get pods -A | grep -v Running"
+    fi
+}
+
+# wait_for_resource <what> <kubectl get args...>: wait until an object exists (kubectl wait
+# fails at once on objects that are not there yet, e.g. a CRD a controller installs).
+wait_for_resource() {
+    local what="$1"; shift
+    local deadline=$((SECONDS + ${WAIT_TIMEOUT%s}))
+    until kubectl get "$@" >/dev/null 2>&1; do
+        [ "$SECONDS" -lt "$deadline" ] || die "timed out waiting for ${what} to appear"
+        sleep 5
+    done
+}
+
+# ---------------------------------------------------------------- OpenShift AI path
+setup_openshift() {
+    need oc kubectl
+    log "Applying dspa/ (namespace, RBAC, settings, dev MinIO, DataSciencePipelinesApplication)"
+    kubectl apply -k "${REPO_ROOT}/dspa"
+    wait_for "the development MinIO" -n "${NAMESPACE}" --for=condition=Available deployment/minio
+    wait_for_resource "the pipeline server" -n "${NAMESPACE}" deployment/ds-pipeline-fraud-detection
+    wait_for "the pipeline server" -n "${NAMESPACE}" --for=condition=Available deployment/ds-pipeline-fraud-detection
+    if [ "${SKIP_DATA}" = false ]; then
+        upload_data "${NAMESPACE}" svc/minio
+    fi
+    cat <<EOF
+
+Done. Next steps (OpenShift AI):
+  1. Build and push the images:   ./build_images.sh --push <your-registry>
+  2. In the OpenShift AI dashboard: Data Science Pipelines > Import pipeline >
+     pipeline/fraud-detection-e2e.yaml, then create a run in project ${NAMESPACE}.
+  3. Call the predictor: see docs/cluster.md ("Call the endpoint").
+EOF
+}
+
+# ---------------------------------------------------------------- kind path
+create_cluster() {
+    if kind get clusters 2>/dev/null | grep -qx "${KIND_CLUSTER}"; then
+        log "kind cluster '${KIND_CLUSTER}' exists: reusing it"
+    else
+        log "Creating kind cluster '${KIND_CLUSTER}' (${KIND_NODE_IMAGE})"
+        kind create cluster --name "${KIND_CLUSTER}" --image "${KIND_NODE_IMAGE}" --wait 180s
+    fi
+    kubectl config use-context "kind-${KIND_CLUSTER}" >/dev/null
+}
+
+install_kfp() {
+    log "Kubeflow Pipelines ${KFP_VERSION} (standalone, platform-agnostic)"
+    kubectl apply -k "github.com/kubeflow/pipelines/manifests/kustomize/cluster-scoped-resources?ref=${KFP_VERSION}"
+    wait_for "the KFP CRDs" --for=condition=established crd/applications.app.k8s.io
+    kubectl apply -k "github.com/kubeflow/pipelines/manifests/kustomize/env/platform-agnostic?ref=${KFP_VERSION}"
+    wait_for "the KFP API server" -n "${KFP_NAMESPACE}" --for=condition=Available deployment/ml-pipeline
+    wait_for "the KFP UI" -n "${KFP_NAMESPACE}" --for=condition=Available deployment/ml-pipeline-ui
+}
+
+install_cert_manager() {
+    log "cert-manager ${CERT_MANAGER_VERSION} (KServe's webhook certificates)"
+    kubectl apply -f "https://github.com/cert-manager/cert-manager/releases/download/${CERT_MANAGER_VERSION}/cert-manager.yaml"
+    wait_for "cert-manager" -n cert-manager --for=condition=Available deployment --all
+}
+
+install_kserve() {
+    log "KServe ${KSERVE_VERSION} in RawDeployment mode (no Knative, no Istio)"
+    helm upgrade --install kserve-crd oci://ghcr.io/kserve/charts/kserve-crd \
+        --version "${KSERVE_VERSION}" --namespace kserve --create-namespace --wait --timeout "${WAIT_TIMEOUT}"
+    helm upgrade --install kserve oci://ghcr.io/kserve/charts/kserve \
+        --version "${KSERVE_VERSION}" --namespace kserve --create-namespace \
+        --set kserve.controller.deploymentMode=RawDeployment \
+        --wait --timeout "${WAIT_TIMEOUT}"
+    wait_for "the KServe controller" -n kserve --for=condition=Available deployment/kserve-controller-manager
+}
+
+install_model_registry() {
+    log "Kubeflow Model Registry ${MODEL_REGISTRY_VERSION}"
+    kubectl apply -k "github.com/kubeflow/model-registry/manifests/kustomize/overlays/db?ref=${MODEL_REGISTRY_VERSION}" \
+        -n "${KFP_NAMESPACE}"
+    wait_for "the model registry" -n "${KFP_NAMESPACE}" --for=condition=Available deployment/model-registry-deployment
+}
+
+install_spark_operator() {
+    log "Spark Operator chart ${SPARK_OPERATOR_CHART_VERSION}, watching namespace ${NAMESPACE}"
+    helm repo add spark-operator https://kubeflow.github.io/spark-operator --force-update >/dev/null
+    # The project brings its own Spark service account and Role (manifests/base), so the chart
+    # creates none in the job namespace.
+    helm upgrade --install spark-operator spark-operator/spark-operator \
+        --version "${SPARK_OPERATOR_CHART_VERSION}" \
+        --namespace spark-operator --create-namespace \
+        --set "spark.jobNamespaces={${NAMESPACE}}" \
+        --set spark.serviceAccount.create=false \
+        --set spark.rbac.create=false \
+        --wait --timeout "${WAIT_TIMEOUT}"
+}
+
+apply_manifests() {
+    log "Project manifests (namespace, service accounts, RBAC, settings, secrets)"
+    kubectl apply -k "${REPO_ROOT}/manifests"
+    wait_for_resource "namespace ${NAMESPACE}" namespace "${NAMESPACE}"
+}
+
+# upload_data <namespace> <service>: generate the raw CSVs with the project's own Python and
+# write them to the cluster's object store through a port-forward (no `mc` needed).
+upload_data() {
+    local ns="$1" svc="$2" key secret pf_pid
+    need uv
+    key="$(kubectl get secret fraud-detection-s3 -n "${NAMESPACE}" -o jsonpath='{.data.AWS_ACCESS_KEY_ID}' | base64 -d)"
+    secret="$(kubectl get secret fraud-detection-s3 -n "${NAMESPACE}" -o jsonpath='{.data.AWS_SECRET_ACCESS_KEY}' | base64 -d)"
+    log "Generating ${USERS} users of data and uploading to s3://${BUCKET}/data/raw via ${ns}/${svc}"
+    kubectl port-forward -n "${ns}" "${svc}" "${MINIO_LOCAL_PORT}:9000" >/dev/null 2>&1 &
+    pf_pid=$!
+    # shellcheck disable=SC2064  # expand pf_pid now: the trap must stop this port-forward
+    trap "kill ${pf_pid} 2>/dev/null || true" EXIT
+    local deadline=$((SECONDS + 60))
+    until (exec 3<>"/dev/tcp/127.0.0.1/${MINIO_LOCAL_PORT}") 2>/dev/null; do
+        [ "$SECONDS" -lt "$deadline" ] || die "port-forward to ${ns}/${svc} did not open port ${MINIO_LOCAL_PORT} within 60s"
+        sleep 1
+    done
+    (
+        cd "${REPO_ROOT}"
+        S3_ENDPOINT_URL="http://127.0.0.1:${MINIO_LOCAL_PORT}" \
+        AWS_ACCESS_KEY_ID="${key}" AWS_SECRET_ACCESS_KEY="${secret}" \
+        FRAUD_DATA_URI="s3://${BUCKET}/data" \
+            uv run fraud-detection generate --users "${USERS}" --out "s3://${BUCKET}/data/raw" --no-progress
+    )
+    kill "${pf_pid}" 2>/dev/null || true
+    trap - EXIT
+}
+
+setup_kind() {
+    need kind kubectl helm
+    create_cluster
+    install_kfp
+    install_cert_manager
+    install_kserve
+    install_model_registry
+    install_spark_operator
+    apply_manifests
+    if [ "${SKIP_DATA}" = false ]; then
+        upload_data "${KFP_NAMESPACE}" svc/minio-service
+    fi
+    cat <<EOF
+
+Done. Next steps (kind):
+  1. Build the images and load them into the cluster:
+       ./build_images.sh --kind ${KIND_CLUSTER}
+  2. Open the KFP UI:   kubectl port-forward -n ${KFP_NAMESPACE} svc/ml-pipeline-ui 8080:80
+     then http://localhost:8080 > Pipelines > Upload pipeline > pipeline/fraud-detection-e2e.yaml > Create run
+  3. Call the predictor once the run finished:
+       kubectl port-forward -n ${NAMESPACE} svc/fraud-detection-predictor 8081:80
+       see docs/cluster.md ("Call the endpoint") for the request.
+  Clean up finished runs:  ./clear_runs.sh --namespace ${NAMESPACE} --dry-run
+EOF
+}
+
+if [ "${OPENSHIFT}" = true ]; then
+    setup_openshift
+else
+    setup_kind
+fi
