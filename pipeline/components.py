@@ -9,7 +9,6 @@ SparkApplication and deploys an InferenceService; ``local`` runs Spark in-proces
 that the predictor can load the registered model (the CLI then serves it on localhost).
 """
 
-from __future__ import annotations
 
 from kfp import dsl
 from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output

@@ -5,7 +5,6 @@ and upload ``pipeline/fraud-detection-e2e.yaml`` in the KFP or OpenShift AI dash
 ``uv run fraud-detection run`` executes this same definition on one machine with kfp.local.
 """
 
-from __future__ import annotations
 
 import sys
 from pathlib import Path

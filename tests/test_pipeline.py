@@ -1,0 +1,86 @@
+"""The Kubeflow pipeline: the committed YAML is current and wires every step, image and secret."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import cli
+from pipeline.images import image
+
+STEPS = ("prepare-data", "feature-engineering", "retrieve-features", "train-model", "register-model", "serve")
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[dict]]:
+    out = tmp_path_factory.mktemp("compiled") / "pipeline.yaml"
+    cli.load_pipeline_module().compile_pipeline(out)
+    text = out.read_text()
+    return text, list(yaml.safe_load_all(text))
+
+
+def test_committed_yaml_matches_the_dsl(compiled: tuple[str, list[dict]]) -> None:
+    committed = cli.COMPILED_PIPELINE.read_text()
+    assert committed == compiled[0], "pipeline/fraud-detection-e2e.yaml is stale: run `uv run fraud-detection compile`"
+
+
+def test_every_step_runs_in_its_own_image(compiled: tuple[str, list[dict]]) -> None:
+    spec = compiled[1][0]
+    executors = spec["deploymentSpec"]["executors"]
+    images = {name.removeprefix("exec-"): ex["container"]["image"] for name, ex in executors.items()}
+    assert set(images) == set(STEPS)
+    assert images["prepare-data"] == image("pipeline")
+    assert images["feature-engineering"] == images["retrieve-features"] == image("feature-engineering")
+    assert images["train-model"] == images["register-model"] == image("train")
+    assert images["serve"] == image("pipeline")
+    defaults = spec["root"]["inputDefinitions"]["parameters"]
+    assert defaults["spark_image"]["defaultValue"] == image("data-preparation")
+    assert defaults["predictor_image"]["defaultValue"] == image("rest-predictor")
+
+
+def test_tasks_pass_typed_artifacts(compiled: tuple[str, list[dict]]) -> None:
+    components = compiled[1][0]["components"]
+    outputs = {
+        name.removeprefix("comp-"): set(comp.get("outputDefinitions", {}).get("artifacts", {}))
+        for name, comp in components.items()
+    }
+    assert outputs["prepare-data"] == {"prepared"}
+    assert outputs["retrieve-features"] == {"training_set"}
+    assert outputs["train-model"] == {"model", "metrics", "classification_metrics", "evaluation"}
+    types = components["comp-train-model"]["outputDefinitions"]["artifacts"]
+    assert types["model"]["artifactType"]["schemaTitle"] == "system.Model"
+    assert types["classification_metrics"]["artifactType"]["schemaTitle"] == "system.ClassificationMetrics"
+    tasks = compiled[1][0]["root"]["dag"]["tasks"]
+    model_input = tasks["register-model"]["inputs"]["artifacts"]["model"]["taskOutputArtifact"]
+    assert model_input == {"outputArtifactKey": "model", "producerTask": "train-model"}
+
+
+def test_credentials_come_from_secrets_and_config_maps(compiled: tuple[str, list[dict]]) -> None:
+    text, docs = compiled
+    platform = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert set(platform) == {f"exec-{step}" for step in STEPS}
+    for name, config in platform.items():
+        secrets = {s["secretName"]: {m["secretKey"] for m in s["keyToEnv"]} for s in config["secretAsEnv"]}
+        assert secrets["fraud-detection-s3"] == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}, name
+        config_maps = {c["configMapName"] for c in config["configMapAsEnv"]}
+        assert config_maps == {"fraud-detection-config"}, name
+    assert "fraud-detection-registry" in {s["secretName"] for s in platform["exec-register-model"]["secretAsEnv"]}
+    for literal in ("minio123", "AWS_SECRET_ACCESS_KEY: ", "password"):
+        assert literal not in text
+
+
+def test_config_map_keys_the_pipeline_reads_exist_in_the_manifests() -> None:
+    import subprocess
+
+    module = cli.load_pipeline_module()
+    rendered = subprocess.run(
+        ["kubectl", "kustomize", str(Path(cli.__file__).parents[1] / "manifests")],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    maps = [d for d in yaml.safe_load_all(rendered) if d and d["kind"] == "ConfigMap"
+            and d["metadata"]["name"] == module.CONFIG_MAP]
+    assert maps, "manifests/ defines no fraud-detection-config ConfigMap"
+    for config_map in maps:
+        assert set(module.CONFIG_KEYS) <= set(config_map["data"])
