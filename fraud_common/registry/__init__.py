@@ -4,7 +4,12 @@ Backends: ``local`` (a SQLite file, for the embedded run) and ``kubeflow`` (the 
 Registry through the ``model-registry`` client). See ``base.py`` for the contract.
 """
 
-from fraud_common.registry.base import ModelNotFound, ModelRegistry, ModelVersion, RegistryError
+from fraud_common.registry.base import (
+    ModelNotFound,
+    ModelRegistry,
+    ModelVersion,
+    RegistryError,
+)
 from fraud_common.settings import Settings
 
 __all__ = ["ModelNotFound", "ModelRegistry", "ModelVersion", "RegistryError", "open_registry"]

@@ -70,3 +70,58 @@ class ModelRegistry(Protocol):
         Raises ``ModelNotFound`` when there is none.
         """
         ...
+
+
+# --- Helpers shared by the backends (additive; downstream code needs none of them). ---
+
+
+def _plain(value: Any, where: str) -> Any:
+    """``value`` as plain JSON types (numpy scalars unwrapped); ``where`` names it in errors."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, (int, float)):
+        # bool is handled above; int/float subclasses (numpy.float64) become the builtin type.
+        return int(value) if isinstance(value, int) else float(value)
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise RegistryError(f"metadata {where or '(top level)'}: key {key!r} is not a string")
+            out[key] = _plain(item, f"{where}.{key}" if where else key)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_plain(item, f"{where}[{i}]") for i, item in enumerate(value)]
+    item = getattr(value, "item", None)  # numpy scalars and 0-d arrays
+    if callable(item):
+        return _plain(item(), where)
+    raise RegistryError(f"metadata {where}: {type(value).__name__} value {value!r} cannot be stored as JSON")
+
+
+def normalise_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``metadata`` holding only JSON types, so every backend stores the same thing."""
+    if not isinstance(metadata, dict):
+        raise RegistryError(f"metadata must be a dict, got {type(metadata).__name__}")
+    return _plain(metadata, "")
+
+
+def check_names(model_name: str, version: str, artifact_uri: str) -> None:
+    """Refuse empty names and URIs before anything is written."""
+    for label, value in (("model name", model_name), ("version", version), ("artifact URI", artifact_uri)):
+        if not isinstance(value, str) or not value.strip():
+            raise RegistryError(f"{label} must be a non-empty string, got {value!r}")
+
+
+def newest_passed_gate(model_name: str, versions: list[ModelVersion], where: str) -> ModelVersion:
+    """The newest version (last in ``versions``, oldest first) that passed the gate.
+
+    Raises ``ModelNotFound`` naming the model and ``where`` (the registry) when there is none.
+    """
+    for candidate in reversed(versions):
+        if candidate.passed_gate:
+            return candidate
+    if not versions:
+        raise ModelNotFound(f"no model named {model_name!r} is registered in {where}")
+    raise ModelNotFound(
+        f"model {model_name!r} has {len(versions)} version(s) in {where} but none passed the quality gate "
+        f"(newest: {versions[-1].version!r})"
+    )

@@ -1,0 +1,212 @@
+"""The embedded model registry: one SQLite file with the Kubeflow Model Registry's concepts.
+
+Tables mirror the Kubeflow registry: a *registered model* has *model versions*, each version has
+one *model artifact* (URI, ``model_format_name``, ``model_format_version``). A version's metadata
+is a JSON document. Every call opens its own connection, so the object can be shared between
+threads; the file is in WAL mode so a predictor can read while a pipeline registers, and a
+registration (version + artifact) is one transaction, so readers never see half of it.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from contextlib import closing, contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from fraud_common.logs import get_logger
+from fraud_common.registry.base import (
+    ModelNotFound,
+    ModelVersion,
+    RegistryError,
+    check_names,
+    newest_passed_gate,
+    normalise_metadata,
+)
+
+log = get_logger(__name__)
+
+SCHEMA_VERSION = 1
+# Seconds a connection waits for another writer's lock before giving up.
+BUSY_TIMEOUT_SECONDS = 30.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS registered_model (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    name        TEXT NOT NULL UNIQUE,
+    created_at  TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS model_version (
+    id                  INTEGER PRIMARY KEY AUTOINCREMENT,
+    registered_model_id INTEGER NOT NULL REFERENCES registered_model(id),
+    name                TEXT NOT NULL,
+    description         TEXT NOT NULL DEFAULT '',
+    metadata            TEXT NOT NULL,
+    created_at          TEXT NOT NULL,
+    UNIQUE (registered_model_id, name)
+);
+CREATE TABLE IF NOT EXISTS model_artifact (
+    id                   INTEGER PRIMARY KEY AUTOINCREMENT,
+    model_version_id     INTEGER NOT NULL UNIQUE REFERENCES model_version(id),
+    name                 TEXT NOT NULL,
+    uri                  TEXT NOT NULL,
+    model_format_name    TEXT NOT NULL,
+    model_format_version TEXT NOT NULL,
+    created_at           TEXT NOT NULL
+);
+"""
+
+# Oldest first: the AUTOINCREMENT id is the registration order (timestamps can tie).
+_SELECT_VERSIONS = """
+SELECT m.name, v.name, a.uri, a.model_format_name, a.model_format_version, v.metadata, v.created_at
+FROM model_version v
+JOIN registered_model m ON m.id = v.registered_model_id
+JOIN model_artifact a ON a.model_version_id = v.id
+WHERE m.name = ?
+"""
+
+
+def _now() -> str:
+    """The current UTC time as ISO-8601 with milliseconds."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+class LocalModelRegistry:
+    """A ``ModelRegistry`` kept in the SQLite file at ``path`` (created with its folder if absent)."""
+
+    def __init__(self, path: str | Path) -> None:
+        text = str(path)
+        if not text or "://" in text:
+            raise RegistryError(
+                f"the local registry needs a local file path (FRAUD_REGISTRY_URI), got {text!r}; "
+                "use FRAUD_REGISTRY_BACKEND=kubeflow for a registry server"
+            )
+        self.path = Path(text).expanduser()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._create_schema()
+        except sqlite3.Error as exc:
+            raise RegistryError(f"cannot open the model registry {self.path}: {exc}") from exc
+
+    def __repr__(self) -> str:
+        return f"LocalModelRegistry({str(self.path)!r})"
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        """A fresh connection in autocommit mode; callers open transactions explicitly."""
+        with closing(sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)) as conn:
+            conn.execute("PRAGMA foreign_keys = ON")
+            yield conn
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction that takes the lock up front (no upgrade deadlock between writers)."""
+        with self._connect() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def _create_schema(self) -> None:
+        with self._connect() as conn:
+            # WAL lets readers proceed while a writer commits; the mode is stored in the file.
+            conn.execute("PRAGMA journal_mode = WAL")
+        with self._write() as conn:
+            found = conn.execute("PRAGMA user_version").fetchone()[0]
+            if found not in (0, SCHEMA_VERSION):
+                raise RegistryError(
+                    f"{self.path} has registry schema version {found}; this code reads version {SCHEMA_VERSION}"
+                )
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def register(
+        self,
+        model_name: str,
+        version: str,
+        artifact_uri: str,
+        metadata: dict[str, Any],
+        model_format: str = "onnx",
+        format_version: str = "1",
+        description: str = "",
+    ) -> ModelVersion:
+        """Record a new version and its artifact in one transaction.
+
+        Raises ``RegistryError`` if ``model_name`` already has a version called ``version``.
+        """
+        check_names(model_name, version, artifact_uri)
+        document = json.dumps(normalise_metadata(metadata), sort_keys=True)
+        created_at = _now()
+        try:
+            with self._write() as conn:
+                conn.execute(
+                    "INSERT OR IGNORE INTO registered_model (name, created_at) VALUES (?, ?)",
+                    (model_name, created_at),
+                )
+                model_id = conn.execute(
+                    "SELECT id FROM registered_model WHERE name = ?", (model_name,)
+                ).fetchone()[0]
+                try:
+                    cursor = conn.execute(
+                        "INSERT INTO model_version (registered_model_id, name, description, metadata, created_at)"
+                        " VALUES (?, ?, ?, ?, ?)",
+                        (model_id, version, description or "", document, created_at),
+                    )
+                except sqlite3.IntegrityError:
+                    raise RegistryError(
+                        f"model {model_name!r} already has a version {version!r} in {self.path}; "
+                        "version names are unique, pick a new one"
+                    ) from None
+                conn.execute(
+                    "INSERT INTO model_artifact (model_version_id, name, uri, model_format_name,"
+                    " model_format_version, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    (cursor.lastrowid, model_name, artifact_uri, model_format, format_version, created_at),
+                )
+        except sqlite3.Error as exc:
+            raise RegistryError(f"cannot register {model_name}:{version} in {self.path}: {exc}") from exc
+        log.info("registered %s version %s -> %s", model_name, version, artifact_uri)
+        return self.get_version(model_name, version)
+
+    def _select(self, model_name: str, version: str | None = None) -> list[ModelVersion]:
+        """Versions of ``model_name`` oldest first (only ``version`` if given)."""
+        query, params = _SELECT_VERSIONS, [model_name]
+        if version is not None:
+            query += " AND v.name = ?"
+            params.append(version)
+        try:
+            with self._connect() as conn:
+                rows = conn.execute(query + " ORDER BY v.id", params).fetchall()
+        except sqlite3.Error as exc:
+            raise RegistryError(f"cannot read the model registry {self.path}: {exc}") from exc
+        return [
+            ModelVersion(
+                model_name=name,
+                version=ver,
+                artifact_uri=uri,
+                model_format=fmt,
+                format_version=fmt_version,
+                metadata=json.loads(document),
+                created_at=created_at,
+            )
+            for name, ver, uri, fmt, fmt_version, document, created_at in rows
+        ]
+
+    def list_versions(self, model_name: str) -> list[ModelVersion]:
+        """All versions of a model, oldest first (empty if the model is unknown)."""
+        return self._select(model_name)
+
+    def get_version(self, model_name: str, version: str | None = None) -> ModelVersion:
+        """A named version, or with ``version=None`` the newest that passed the gate."""
+        if version is None:
+            return newest_passed_gate(model_name, self._select(model_name), str(self.path))
+        found = self._select(model_name, version)
+        if not found:
+            raise ModelNotFound(f"model {model_name!r} has no version {version!r} in {self.path}")
+        return found[0]
