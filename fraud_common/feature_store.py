@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fraud_common.schemas import MODEL_FEATURES
 from fraud_common.settings import Settings
 
 PROJECT = "fraud_detection"
@@ -27,3 +28,13 @@ def store_config(settings: Settings) -> dict:
         "offline_store": {"type": "file"},
         "entity_key_serialization_version": 3,
     }
+
+
+# File names of the store's state inside ``settings.feast_dir`` (and inside a published copy).
+REGISTRY_FILE = "registry.db"
+ONLINE_STORE_FILE = "online_store.db"
+
+
+def feature_refs() -> list[str]:
+    """The feature service's references ``view:feature``, in the model's input order."""
+    return [f"{FEATURE_VIEW}:{name}" for name in MODEL_FEATURES]

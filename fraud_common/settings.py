@@ -68,6 +68,11 @@ class Settings:
     # Largest batch a predictor accepts in one request.
     max_batch_size: int
     log_level: str
+    # Model version the predictor serves; empty: the newest version that passed the gate.
+    serve_model_version: str = ""
+    # A published Feast store snapshot (folder with registry.db and online_store.db, local or
+    # s3://) that the predictor copies into ``feast_dir`` before opening the store; empty: none.
+    feast_snapshot_uri: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -99,6 +104,8 @@ class Settings:
             serve_port=_int(env, "FRAUD_SERVE_PORT", 8081),
             max_batch_size=_int(env, "FRAUD_MAX_BATCH_SIZE", 1000),
             log_level=env.get("FRAUD_LOG_LEVEL", "INFO"),
+            serve_model_version=env.get("FRAUD_SERVE_MODEL_VERSION", ""),
+            feast_snapshot_uri=env.get("FRAUD_FEAST_SNAPSHOT_URI", "").rstrip("/"),
         )
 
     @property
@@ -141,4 +148,6 @@ class Settings:
             "FRAUD_SERVE_PORT": str(self.serve_port),
             "FRAUD_MAX_BATCH_SIZE": str(self.max_batch_size),
             "FRAUD_LOG_LEVEL": self.log_level,
+            "FRAUD_SERVE_MODEL_VERSION": self.serve_model_version,
+            "FRAUD_FEAST_SNAPSHOT_URI": self.feast_snapshot_uri,
         }

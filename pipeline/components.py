@@ -93,7 +93,8 @@ def feature_engineering(
     details = {"rows_materialized": report.rows_materialized, "feast_dir": settings.feast_dir}
     if platform != "local":
         # The predictor pods read this snapshot; a production store would be Redis or Postgres.
-        details["snapshot_uri"] = publish_store(settings, settings.feast_snapshot_uri)
+        publish_store(settings, settings.feast_snapshot_uri)
+        details["snapshot_uri"] = settings.feast_snapshot_uri
     feature_store.metadata.update({**details, "duration_seconds": round(time.monotonic() - started, 1)})
     with open(feature_store.path, "w") as handle:
         json.dump(feature_store.metadata, handle, indent=2, default=str)

@@ -1,0 +1,518 @@
+"""Feast feature store step: apply the definitions, materialize to the online store, build the training set.
+
+Public API (the pipeline and the predictor use these):
+
+* ``apply_and_materialize(settings, end_date=None, full=False) -> MaterializeReport``
+* ``retrieve_training_data(settings, out_path=None, missing="error") -> pandas.DataFrame``
+* ``open_store(settings) -> feast.FeatureStore``
+* ``publish_store(settings, uri)`` / ``fetch_store(uri, settings)``: copy the registry and the
+  SQLite online store to / from a local folder or an s3:// prefix.
+* ``main(argv)``: ``python feast_feature_engineering.py apply|retrieve|publish|fetch ...``
+
+The online store is a SQLite file so that one machine needs no server; the cluster's predictor
+downloads a snapshot of it from MinIO (``fetch_store``). A production deployment would point
+``online_store`` at Redis or Postgres instead, which the predictor reads live, with no snapshot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from fraud_common import schemas, storage
+from fraud_common.feature_store import (
+    FEATURE_SERVICE,
+    FEATURE_VIEW,
+    ONLINE_STORE_FILE,
+    PROJECT,
+    REGISTRY_FILE,
+    store_config,
+)
+from fraud_common.logs import get_logger, setup_logging
+from fraud_common.settings import Settings
+
+log = get_logger(__name__)
+
+# Materialization windows start here on a full run: every event time in the data is later.
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+# Remembers which source content the online store holds (see _needs_full_run).
+STATE_FILE = "materialized_source.json"
+# Rows converted and written per online-store batch: bounds materialization's memory at 1M users.
+ONLINE_WRITE_BATCH_SIZE = 50_000
+MISSING_POLICIES = ("error", "drop", "keep")
+# Dask's file offline store and pyarrow skip these (Spark's _SUCCESS, .crc files).
+IGNORED_PREFIXES = ("_", ".")
+
+
+class FeatureStoreError(RuntimeError):
+    """The prepared data or the store's state cannot be used."""
+
+
+@dataclass(frozen=True)
+class MaterializeReport:
+    """What one ``apply_and_materialize`` call did.
+
+    ``rows_in_window`` counts the source rows whose event time lies in the materialized window:
+    exactly the rows Feast pulled and wrote (the online store keeps the latest one per user).
+    ``online_users_before``/``after`` count the users the online store holds, read from SQLite.
+    """
+
+    objects_applied: int
+    mode: str  # "full" (from the epoch) or "incremental" (since the last materialization)
+    window_start: str
+    window_end: str
+    rows_in_window: int
+    online_users_before: int
+    online_users_after: int
+    apply_seconds: float
+    materialize_seconds: float
+    seconds: float
+
+    @property
+    def rows_per_second(self) -> float:
+        """Materialized source rows per second of materialization."""
+        return self.rows_in_window / self.materialize_seconds if self.materialize_seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        """The report as plain JSON-able data."""
+        return {**asdict(self), "rows_per_second": round(self.rows_per_second, 1)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Store
+
+
+def open_store(settings: Settings):  # noqa: ANN201 - feast.FeatureStore, imported lazily
+    """A FeatureStore whose registry and SQLite online store live under ``settings.feast_dir``."""
+    from feast import FeatureStore, RepoConfig
+
+    Path(settings.feast_dir).mkdir(parents=True, exist_ok=True)
+    config = RepoConfig(
+        repo_path=Path(settings.feast_dir),
+        materialization={"online_write_batch_size": ONLINE_WRITE_BATCH_SIZE},
+        **store_config(settings),
+    )
+    return FeatureStore(config=config)
+
+
+def _definitions(settings: Settings) -> list:
+    from feature_engineering.feature_repo.repo_definition import build_definitions
+
+    return list(build_definitions(settings))
+
+
+def _online_db(settings: Settings) -> Path:
+    return Path(settings.feast_dir) / ONLINE_STORE_FILE
+
+
+def count_online_users(settings: Settings) -> int:
+    """How many users the online store holds values for (0 when there is no store yet)."""
+    path = _online_db(settings)
+    if not path.exists():
+        return 0
+    table = f"{PROJECT}_{FEATURE_VIEW}"
+    with sqlite3.connect(path) as conn:
+        exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (table,)).fetchone()
+        if not exists:
+            return 0
+        # One SQLite row per (user, feature): count the rows of one feature.
+        (count,) = conn.execute(
+            f'SELECT COUNT(*) FROM "{table}" WHERE feature_name = ?', (schemas.MODEL_FEATURES[0],)
+        ).fetchone()
+    return int(count)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading prepared Parquet
+
+
+def _filesystem(uri: str, settings: Settings) -> tuple[pafs.FileSystem | None, str]:
+    """A pyarrow filesystem and path for a local path or s3:// URI (credentials from settings)."""
+    if not storage.is_s3(uri):
+        return None, uri
+    endpoint = settings.s3_endpoint
+    scheme = "https"
+    if endpoint and "://" in endpoint:
+        scheme, endpoint = endpoint.split("://", 1)
+    fs = pafs.S3FileSystem(
+        access_key=settings.s3_access_key or None,
+        secret_key=settings.s3_secret_key or None,
+        region=settings.s3_region or None,
+        endpoint_override=endpoint or None,
+        scheme=scheme,
+    )
+    bucket, key = storage.split_s3(uri)
+    return fs, f"{bucket}/{key}"
+
+
+def read_parquet(uri: str, settings: Settings, columns: Sequence[str]) -> pd.DataFrame:
+    """Columns of a Parquet file or folder (local or s3://), with a clear error when any is missing."""
+    fs, path = _filesystem(uri, settings)
+    try:
+        dataset = pads.dataset(path, format="parquet", filesystem=fs, ignore_prefixes=list(IGNORED_PREFIXES))
+    except (FileNotFoundError, OSError) as err:
+        raise FeatureStoreError(f"cannot read Parquet at {uri}: {err}") from err
+    missing = [c for c in columns if c not in dataset.schema.names]
+    if missing:
+        raise FeatureStoreError(
+            f"Parquet at {uri} lacks columns {missing}; it has {dataset.schema.names}"
+        )
+    return dataset.to_table(columns=list(columns)).to_pandas()
+
+
+def _source_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    return [p for p in files if not any(part.startswith(IGNORED_PREFIXES) for part in p.relative_to(path).parts)]
+
+
+def _fingerprint(path: Path) -> str:
+    """A content hash of the source's Parquet files (names and bytes)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for file in _source_files(path):
+        digest.update(file.relative_to(path).as_posix().encode() if path.is_dir() else file.name.encode())
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def stage_source(settings: Settings) -> Path:
+    """The local folder Feast's file source reads; for an s3:// data root, a fresh copy of it.
+
+    The copy lands in a temporary folder and replaces the previous copy at the end.
+    """
+    from feature_engineering.feature_repo.repo_definition import source_path
+
+    target = Path(source_path(settings))
+    if not storage.is_s3(settings.data_uri):
+        if not target.exists() or not _source_files(target):
+            raise FeatureStoreError(f"no prepared features at {target}: run data preparation first")
+        return target
+    remote = storage.join(settings.prepared_uri, schemas.FEATURES_DIR)
+    if not storage.exists(remote, settings):
+        raise FeatureStoreError(f"no prepared features at {remote}: run data preparation first")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        storage.download(remote, tmp / "copy", settings)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp / "copy", target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("staged %s to %s", remote, target)
+    return target
+
+
+def _check_source(path: Path) -> None:
+    """Fail early, naming the folder, when the prepared features lack a column the view needs."""
+    schema = pads.dataset(str(path), format="parquet", ignore_prefixes=list(IGNORED_PREFIXES)).schema
+    needed = (schemas.ENTITY_KEY, schemas.EVENT_TIMESTAMP, schemas.CREATED_TIMESTAMP) + schemas.MODEL_FEATURES
+    missing = [c for c in needed if c not in schema.names]
+    if missing:
+        raise FeatureStoreError(f"prepared features at {path} lack columns {missing}; they have {schema.names}")
+
+
+def _rows_in_window(path: Path, start: datetime, end: datetime) -> int:
+    """Source rows whose event time is in [start, end], the bounds Feast's file store uses."""
+    column = pads.dataset(str(path), format="parquet", ignore_prefixes=list(IGNORED_PREFIXES)).to_table(
+        columns=[schemas.EVENT_TIMESTAMP]
+    )[schemas.EVENT_TIMESTAMP]
+    times = pd.to_datetime(column.to_pandas(), utc=True)
+    return int(((times >= pd.Timestamp(start)) & (times <= pd.Timestamp(end))).sum())
+
+
+# ---------------------------------------------------------------------------------------------
+# Apply and materialize
+
+
+def _read_state(settings: Settings) -> dict:
+    path = Path(settings.feast_dir) / STATE_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _write_state(settings: Settings, state: dict) -> None:
+    storage.write_bytes(str(Path(settings.feast_dir) / STATE_FILE), json.dumps(state, indent=2).encode(), settings)
+
+
+def apply_and_materialize(
+    settings: Settings, end_date: datetime | None = None, full: bool = False
+) -> MaterializeReport:
+    """Register the definitions and bring the online store up to date with the prepared features.
+
+    The first run (or ``full=True``, or a run whose source content changed since the last one)
+    materializes everything from the epoch: the rows all carry the fixed label time, so a window
+    counted back from now would miss them, and new data with old event times is a backfill that
+    incremental windows would never see. Later runs are incremental from the last window's end
+    (``materialize_incremental``), so a rerun on the same data writes nothing.
+    """
+    started = time.perf_counter()
+    end = (end_date or datetime.now(timezone.utc)).astimezone(timezone.utc)
+    source = stage_source(settings)
+    _check_source(source)
+    fingerprint = _fingerprint(source)
+
+    store = open_store(settings)
+    objects = _definitions(settings)
+    store.apply(objects)
+    applied = time.perf_counter()
+
+    view = store.get_feature_view(FEATURE_VIEW)
+    last_end = view.most_recent_end_time
+    previous = _read_state(settings)
+    changed = previous.get("fingerprint") != fingerprint
+    before = count_online_users(settings)
+    if full or last_end is None or changed:
+        mode, start = "full", EPOCH
+        if last_end is not None and changed and not full:
+            log.info("prepared features changed since the last materialization: full run")
+        store.materialize(start_date=start, end_date=end, feature_views=[FEATURE_VIEW])
+    else:
+        mode, start = "incremental", last_end.astimezone(timezone.utc)
+        if start >= end:
+            raise FeatureStoreError(f"end date {end.isoformat()} is not after the last materialization {start.isoformat()}")
+        store.materialize_incremental(end_date=end, feature_views=[FEATURE_VIEW])
+    materialized = time.perf_counter()
+    _write_state(settings, {"fingerprint": fingerprint, "source": str(source), "window_end": end.isoformat()})
+
+    report = MaterializeReport(
+        objects_applied=len(objects),
+        mode=mode,
+        window_start=start.isoformat(),
+        window_end=end.isoformat(),
+        rows_in_window=_rows_in_window(source, start, end),
+        online_users_before=before,
+        online_users_after=count_online_users(settings),
+        apply_seconds=round(applied - started, 3),
+        materialize_seconds=round(materialized - applied, 3),
+        seconds=round(time.perf_counter() - started, 3),
+    )
+    log.info("materialized: %s", report.to_dict())
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Training set
+
+
+def read_entities(settings: Settings) -> pd.DataFrame:
+    """The Feast entity rows written by data preparation, timestamps as UTC, labels as 0/1."""
+    uri = storage.join(settings.prepared_uri, schemas.ENTITIES_DIR)
+    frame = read_parquet(uri, settings, schemas.ENTITY_COLUMNS)
+    if frame.empty:
+        raise FeatureStoreError(f"no entity rows in {uri}")
+    for column in (schemas.ENTITY_KEY, schemas.EVENT_TIMESTAMP, schemas.LABEL):
+        nulls = frame[column].isna()
+        if nulls.any():
+            raise FeatureStoreError(f"{uri}: {int(nulls.sum())} rows have no {column!r} (first at row {int(nulls.idxmax())})")
+    frame[schemas.EVENT_TIMESTAMP] = pd.to_datetime(frame[schemas.EVENT_TIMESTAMP], utc=True)
+    frame[schemas.LABEL] = frame[schemas.LABEL].astype("int64")
+    return frame
+
+
+def retrieve_training_data(
+    settings: Settings, out_path: Path | str | None = None, missing: str = "error"
+) -> pd.DataFrame:
+    """Point-in-time correct training rows through Feast's ``get_historical_features``.
+
+    Returns columns ``user_id, created, set, fraud`` then ``schemas.MODEL_FEATURES`` in order,
+    one row per entity row, in the entity rows' order. ``created`` is UTC, ``fraud`` int64 0/1,
+    every feature float64 (flags 0.0/1.0), exactly the values the model's float32 input receives.
+    Applies the definitions first if this store has none (no materialization is needed).
+    A feature row counts only if its event time is at or before the entity row's time. Entity rows
+    with no such feature row: ``missing="error"`` raises (default), ``"drop"`` drops them,
+    ``"keep"`` keeps them with NaN features. Writes Parquet to ``out_path`` when given
+    (temporary file, then rename).
+    """
+    if missing not in MISSING_POLICIES:
+        raise ValueError(f"missing={missing!r}: use one of {MISSING_POLICIES}")
+    started = time.perf_counter()
+    stage_source(settings)
+    store = open_store(settings)
+    if FEATURE_SERVICE not in {s.name for s in store.list_feature_services()}:
+        # A fresh pod has no registry yet: historical retrieval needs the definitions only.
+        log.info("feature service %s not registered yet: applying the definitions", FEATURE_SERVICE)
+        store.apply(_definitions(settings))
+    service = store.get_feature_service(FEATURE_SERVICE)
+
+    entities = read_entities(settings)
+    order = "__entity_row"  # puts Feast's output back in the entity rows' order
+    entities[order] = np.arange(len(entities))
+    joined = store.get_historical_features(entity_df=entities, features=service).to_df()
+    # Feast's file (dask) store drops an entity row whose only feature rows are later than it,
+    # instead of returning nulls: reindexing on the entity rows brings such rows back as NaN.
+    found = joined.set_index(order)[list(schemas.MODEL_FEATURES)].reindex(entities[order])
+
+    frame = entities[list(schemas.ENTITY_COLUMNS)].reset_index(drop=True)
+    for name in schemas.MODEL_FEATURES:
+        # Flags arrive as bool (or object with NaN after the reindex): both become 0.0/1.0/NaN.
+        column = found[name]
+        try:
+            frame[name] = column.where(column.notna(), np.nan).astype("float64").to_numpy()
+        except (TypeError, ValueError) as err:
+            raise FeatureStoreError(f"feature {name!r} is not numeric (dtype {column.dtype}): {err}") from err
+
+    lacking = frame[list(schemas.MODEL_FEATURES)].isna().any(axis=1)
+    if lacking.any():
+        first = frame.loc[lacking.idxmax()]
+        message = (
+            f"{int(lacking.sum())} of {len(frame)} entity rows have no feature row at or before their "
+            f"timestamp (e.g. {first[schemas.ENTITY_KEY]} at {first[schemas.EVENT_TIMESTAMP].isoformat()})"
+        )
+        if missing == "error":
+            raise FeatureStoreError(message + "; prepared features and entities do not match")
+        log.warning("%s: %s", message, "dropped" if missing == "drop" else "kept with NaN")
+        if missing == "drop":
+            frame = frame.loc[~lacking].reset_index(drop=True)
+    if out_path is not None:
+        _write_parquet(frame, Path(out_path))
+    log.info("training rows: %d in %.1fs", len(frame), time.perf_counter() - started)
+    return frame
+
+
+def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Publishing the store's state
+
+
+def publish_store(settings: Settings, uri: str) -> list[str]:
+    """Copy the registry and a consistent snapshot of the SQLite online store to ``uri``.
+
+    ``uri`` is a local folder or an s3:// prefix; returns the URIs written.
+    """
+    feast_dir = Path(settings.feast_dir)
+    registry, online = feast_dir / REGISTRY_FILE, feast_dir / ONLINE_STORE_FILE
+    for path in (registry, online):
+        if not path.exists():
+            raise FeatureStoreError(f"nothing to publish: {path} does not exist (run apply first)")
+    written = []
+    with tempfile.TemporaryDirectory(prefix="feast-publish-") as tmp:
+        snapshot = Path(tmp) / ONLINE_STORE_FILE
+        # SQLite's backup API copies a consistent state even if a writer is active.
+        with sqlite3.connect(online) as source, sqlite3.connect(snapshot) as target:
+            source.backup(target)
+        for name, path in ((REGISTRY_FILE, registry), (ONLINE_STORE_FILE, snapshot)):
+            destination = storage.join(uri, name)
+            if storage.is_s3(uri):
+                storage.upload(path, destination, settings)
+            else:
+                _copy_atomically(path, Path(destination))
+            written.append(destination)
+    log.info("published the feature store to %s", uri)
+    return written
+
+
+def fetch_store(uri: str, settings: Settings) -> Path:
+    """Download a published store into ``settings.feast_dir``; returns that folder.
+
+    Both files are downloaded first and moved into place only when both arrived.
+    """
+    feast_dir = Path(settings.feast_dir)
+    feast_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=feast_dir, prefix=".fetch-") as tmp:
+        for name in (REGISTRY_FILE, ONLINE_STORE_FILE):
+            source = storage.join(uri, name)
+            if not storage.exists(source, settings):
+                raise FeatureStoreError(f"no published feature store file at {source}")
+            storage.download(source, Path(tmp) / name, settings)
+        for name in (REGISTRY_FILE, ONLINE_STORE_FILE):
+            os.replace(Path(tmp) / name, feast_dir / name)
+    log.info("fetched the feature store from %s to %s", uri, feast_dir)
+    return feast_dir
+
+
+def _copy_atomically(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def _parse_time(text: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO date-time: {text!r}") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="feast_feature_engineering", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    apply = commands.add_parser("apply", help="apply the definitions and materialize to the online store")
+    apply.add_argument("--end-date", type=_parse_time, help="end of the materialization window (default: now, UTC)")
+    apply.add_argument("--full", action="store_true", help="materialize everything again from the epoch")
+    retrieve = commands.add_parser("retrieve", help="build the training set with get_historical_features")
+    retrieve.add_argument("--out", type=Path, help="write the training set as Parquet here")
+    retrieve.add_argument("--missing", choices=MISSING_POLICIES, default="error")
+    publish = commands.add_parser("publish", help="copy the registry and online store to a folder or s3:// prefix")
+    publish.add_argument("uri")
+    fetch = commands.add_parser("fetch", help="download a published store into the local feast dir")
+    fetch.add_argument("uri")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line entry point; prints a JSON summary of what was done."""
+    args = _parser().parse_args(argv)
+    settings = Settings.from_env()
+    setup_logging(settings.log_level)
+    try:
+        if args.command == "apply":
+            result: dict = apply_and_materialize(settings, args.end_date, full=args.full).to_dict()
+        elif args.command == "retrieve":
+            frame = retrieve_training_data(settings, args.out, missing=args.missing)
+            result = {"rows": len(frame), "columns": list(frame.columns), "out": str(args.out) if args.out else None}
+        elif args.command == "publish":
+            result = {"written": publish_store(settings, args.uri)}
+        else:
+            result = {"feast_dir": str(fetch_store(args.uri, settings))}
+    except (FeatureStoreError, storage.StorageError) as err:
+        log.error("%s", err)
+        return 1
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""Feast feature store: definitions, materialization, online reads, point-in-time retrieval, S3."""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from feature_engineering import feast_feature_engineering as fe
+from fraud_common import schemas, storage
+from fraud_common.feature_store import FEATURE_SERVICE, FEATURE_VIEW, feature_refs
+from fraud_common.settings import Settings
+
+LABEL_TIME = pd.Timestamp(schemas.DEFAULT_LABEL_TIME)
+BEFORE = pd.Timestamp("2025-05-01T00:00:00+00:00")  # t1 < label time
+AFTER = pd.Timestamp("2025-06-15T00:00:00+00:00")  # t2 > label time
+END = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+
+def feature_rows(users: list[str], times: list[pd.Timestamp], seed: int) -> pd.DataFrame:
+    """Prepared feature rows (schemas.PREPARED_COLUMNS) with random but distinct values."""
+    rng = np.random.default_rng(seed)
+    n = len(users)
+    frame = pd.DataFrame(
+        {
+            schemas.ENTITY_KEY: users,
+            schemas.TRANSACTION_KEY: [f"txn_{seed}_{i}" for i in range(n)],
+            schemas.SET_COLUMN: ["train"] * n,
+            schemas.LABEL: rng.random(n) < 0.5,
+            schemas.EVENT_TIMESTAMP: pd.Series(times).astype("datetime64[us, UTC]"),
+            schemas.CREATED_TIMESTAMP: pd.Series(times).astype("datetime64[us, UTC]"),
+        }
+    )
+    for name in schemas.FLOAT_COLUMNS + schemas.HISTORY_FEATURES[1:]:
+        frame[name] = rng.random(n) * 100.0
+    for name in schemas.FLAG_COLUMNS:
+        frame[name] = rng.random(n) < 0.5
+    frame["num_prev_transactions"] = rng.integers(0, 34, n)
+    return frame[list(schemas.PREPARED_COLUMNS)]
+
+
+def tiny_prepared() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Features and entities: 4 plain users, one with rows before and after the label time,
+    and one whose only feature row is later than its entity row."""
+    plain = feature_rows([f"user_{i}" for i in range(4)], [LABEL_TIME] * 4, seed=1)
+    early = feature_rows(["user_pit"], [BEFORE], seed=2)
+    late = feature_rows(["user_pit", "user_late"], [AFTER, AFTER], seed=3)
+    features = pd.concat([plain, early, late], ignore_index=True)
+    entity_users = [f"user_{i}" for i in range(4)] + ["user_pit", "user_late"]
+    entities = pd.DataFrame(
+        {
+            schemas.ENTITY_KEY: entity_users,
+            schemas.EVENT_TIMESTAMP: pd.Series([LABEL_TIME] * 6).astype("datetime64[us, UTC]"),
+            schemas.SET_COLUMN: ["train", "train", "valid", "test", "train", "test"],
+            schemas.LABEL: [False, True, False, True, False, True],
+        }
+    )
+    return features, entities
+
+
+def write_prepared(root: str, features: pd.DataFrame, entities: pd.DataFrame, settings: Settings) -> None:
+    """Write Parquet folders like Spark does (part files and a _SUCCESS marker), local or S3."""
+    for folder, frame in ((schemas.FEATURES_DIR, features), (schemas.ENTITIES_DIR, entities)):
+        base = storage.join(root, "prepared", folder)
+        storage.write_bytes(storage.join(base, "part-00000.parquet"), frame.to_parquet(index=False), settings)
+        storage.write_bytes(storage.join(base, "_SUCCESS"), b"", settings)
+
+
+def online_values(settings: Settings, users: list[str]) -> dict[str, list]:
+    store = fe.open_store(settings)
+    service = store.get_feature_service(FEATURE_SERVICE)
+    return store.get_online_features(features=service, entity_rows=[{schemas.ENTITY_KEY: u} for u in users]).to_dict()
+
+
+def latest_rows(features: pd.DataFrame) -> pd.DataFrame:
+    return features.sort_values(schemas.EVENT_TIMESTAMP).groupby(schemas.ENTITY_KEY).tail(1).set_index(schemas.ENTITY_KEY)
+
+
+def assert_same(actual: object, expected: object) -> None:
+    if isinstance(expected, (bool, np.bool_)):
+        assert actual is bool(expected)
+    else:
+        assert actual == expected  # exact: the online store must not round the values
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, pd.DataFrame, fe.MaterializeReport]:
+    """A store applied and materialized once over the tiny prepared data."""
+    settings = Settings.from_env({"FRAUD_HOME": str(tmp_path_factory.mktemp("feast") / "home")})
+    features, entities = tiny_prepared()
+    write_prepared(settings.data_uri, features, entities, settings)
+    report = fe.apply_and_materialize(settings, end_date=END)
+    return settings, features, report
+
+
+def test_first_materialization_reaches_back_to_the_label_time(tiny_store) -> None:
+    settings, features, report = tiny_store
+    assert report.objects_applied == 4
+    assert report.mode == "full"
+    assert report.rows_in_window == len(features)
+    assert report.online_users_before == 0
+    assert report.online_users_after == features[schemas.ENTITY_KEY].nunique()
+
+
+def test_online_lookup_returns_the_latest_row_per_user(tiny_store) -> None:
+    settings, features, _ = tiny_store
+    users = sorted(features[schemas.ENTITY_KEY].unique())
+    online = online_values(settings, users)
+    latest = latest_rows(features)
+    assert online[schemas.ENTITY_KEY] == users
+    for name in schemas.MODEL_FEATURES:
+        for user, value in zip(users, online[name]):
+            assert_same(value, latest.loc[user, name].item())
+    # user_pit's online values are its later row (t2), not the earlier one.
+    assert online[schemas.FLOAT_COLUMNS[0]][users.index("user_pit")] == latest.loc["user_pit", schemas.FLOAT_COLUMNS[0]]
+
+
+def test_unknown_user_reads_as_missing(tiny_store) -> None:
+    settings, _, _ = tiny_store
+    online = online_values(settings, ["user_nobody"])
+    assert all(online[name] == [None] for name in schemas.MODEL_FEATURES)
+
+
+def test_rerun_is_incremental_and_keeps_values(tiny_store) -> None:
+    settings, features, _ = tiny_store
+    users = sorted(features[schemas.ENTITY_KEY].unique())
+    before = online_values(settings, users)
+    report = fe.apply_and_materialize(settings, end_date=datetime(2026, 2, 1, tzinfo=timezone.utc))
+    assert report.mode == "incremental"
+    assert report.window_start == END.isoformat()
+    assert report.rows_in_window == 0
+    assert report.online_users_after == report.online_users_before == len(users)
+    assert online_values(settings, users) == before
+
+
+def test_feature_service_lists_the_model_inputs_in_order(tiny_store) -> None:
+    settings, _, _ = tiny_store
+    store = fe.open_store(settings)
+    service = store.get_feature_service(FEATURE_SERVICE)
+    [projection] = service.feature_view_projections
+    assert projection.name == FEATURE_VIEW
+    assert [f.name for f in projection.features] == list(schemas.MODEL_FEATURES)
+    assert feature_refs() == [f"{FEATURE_VIEW}:{name}" for name in schemas.MODEL_FEATURES]
+    view = store.get_feature_view(FEATURE_VIEW)
+    assert schemas.LABEL not in {f.name for f in view.features}
+    assert schemas.SET_COLUMN not in {f.name for f in view.features}
+
+
+def test_historical_retrieval_is_point_in_time_correct(tiny_store) -> None:
+    settings, features, _ = tiny_store
+    frame = fe.retrieve_training_data(settings, missing="keep")
+    assert list(frame.columns) == list(schemas.ENTITY_COLUMNS) + list(schemas.MODEL_FEATURES)
+    assert frame[schemas.ENTITY_KEY].tolist() == [f"user_{i}" for i in range(4)] + ["user_pit", "user_late"]
+    assert all(frame[name].dtype == np.float64 for name in schemas.MODEL_FEATURES)
+    assert frame[schemas.LABEL].tolist() == [0, 1, 0, 1, 0, 1]
+    rows = frame.set_index(schemas.ENTITY_KEY)
+    by_time = features.set_index([schemas.ENTITY_KEY, schemas.EVENT_TIMESTAMP])
+    for name in schemas.MODEL_FEATURES:
+        # user_pit's entity row lies between t1 and t2: it gets t1's values, never t2's.
+        assert rows.loc["user_pit", name] == float(by_time.loc[("user_pit", BEFORE), name])
+        for i in range(4):
+            assert rows.loc[f"user_{i}", name] == float(by_time.loc[(f"user_{i}", LABEL_TIME), name])
+        # user_late's only feature row is after its entity row: no values.
+        assert math.isnan(rows.loc["user_late", name])
+    assert rows.loc["user_pit", schemas.FLOAT_COLUMNS[0]] != by_time.loc[("user_pit", AFTER), schemas.FLOAT_COLUMNS[0]]
+
+
+def test_rows_without_features_fail_or_are_dropped(tiny_store, tmp_path: Path) -> None:
+    settings, _, _ = tiny_store
+    with pytest.raises(fe.FeatureStoreError, match="user_late"):
+        fe.retrieve_training_data(settings)
+    out = tmp_path / "train.parquet"
+    frame = fe.retrieve_training_data(settings, out_path=out, missing="drop")
+    assert "user_late" not in set(frame[schemas.ENTITY_KEY])
+    assert not frame[list(schemas.MODEL_FEATURES)].isna().any().any()
+    pd.testing.assert_frame_equal(pd.read_parquet(out), frame, check_dtype=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["train.parquet"]
+
+
+def test_publish_and_fetch_round_trip(tiny_store, tmp_path: Path) -> None:
+    settings, features, _ = tiny_store
+    users = sorted(features[schemas.ENTITY_KEY].unique())
+    fe.publish_store(settings, str(tmp_path / "published"))
+    reader = Settings.from_env({"FRAUD_HOME": str(tmp_path / "reader")})
+    fe.fetch_store(str(tmp_path / "published"), reader)
+    assert online_values(reader, users) == online_values(settings, users)
+
+
+def test_changed_source_is_materialized_again(settings: Settings) -> None:
+    features, entities = tiny_prepared()
+    write_prepared(settings.data_uri, features, entities, settings)
+    fe.apply_and_materialize(settings, end_date=END)
+    changed = features.copy()
+    changed[schemas.FLOAT_COLUMNS[0]] = changed[schemas.FLOAT_COLUMNS[0]] + 1.0
+    write_prepared(settings.data_uri, changed, entities, settings)
+    report = fe.apply_and_materialize(settings, end_date=datetime(2026, 2, 1, tzinfo=timezone.utc))
+    assert report.mode == "full"
+    assert report.rows_in_window == len(changed)
+    online = online_values(settings, ["user_0"])
+    assert online[schemas.FLOAT_COLUMNS[0]] == [latest_rows(changed).loc["user_0", schemas.FLOAT_COLUMNS[0]]]
+
+
+def test_missing_column_is_named(settings: Settings) -> None:
+    features, entities = tiny_prepared()
+    write_prepared(settings.data_uri, features.drop(columns=["used_chip"]), entities, settings)
+    with pytest.raises(fe.FeatureStoreError, match="used_chip"):
+        fe.apply_and_materialize(settings, end_date=END)
+
+
+def test_missing_prepared_data_is_reported(settings: Settings) -> None:
+    with pytest.raises(fe.FeatureStoreError, match="run data preparation first"):
+        fe.apply_and_materialize(settings, end_date=END)
+
+
+def test_s3_data_root(s3_settings: Settings, tmp_path: Path) -> None:
+    features, entities = tiny_prepared()
+    write_prepared(s3_settings.data_uri, features, entities, s3_settings)
+    report = fe.apply_and_materialize(s3_settings, end_date=END)
+    assert report.rows_in_window == len(features)
+    frame = fe.retrieve_training_data(s3_settings, missing="drop")
+    assert len(frame) == len(entities) - 1
+    published = storage.join(s3_settings.data_uri, "feast")
+    fe.publish_store(s3_settings, published)
+    reader = s3_settings.with_overrides(feast_dir=str(tmp_path / "reader"))
+    fe.fetch_store(published, reader)
+    online = online_values(reader, ["user_pit"])
+    assert online[schemas.FLOAT_COLUMNS[0]] == [latest_rows(features).loc["user_pit", schemas.FLOAT_COLUMNS[0]]]
+
+
+def test_cli_apply_and_retrieve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = tmp_path / "home"
+    monkeypatch.setenv("FRAUD_HOME", str(home))
+    for name in ("FRAUD_DATA_URI", "FRAUD_FEAST_DIR", "S3_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    settings = Settings.from_env()
+    features, entities = tiny_prepared()
+    write_prepared(settings.data_uri, features, entities.iloc[:5], settings)
+    assert fe.main(["apply", "--end-date", "2026-01-01T00:00:00"]) == 0
+    assert fe.main(["retrieve", "--out", str(tmp_path / "train.parquet")]) == 0
+    assert len(pd.read_parquet(tmp_path / "train.parquet")) == 5
+    assert fe.main(["fetch", str(tmp_path / "nothing-here")]) == 1
+
+
+def test_retrieval_in_a_fresh_store_applies_the_definitions(settings: Settings) -> None:
+    features, entities = tiny_prepared()
+    write_prepared(settings.data_uri, features, entities, settings)
+    frame = fe.retrieve_training_data(settings, missing="drop")
+    assert frame[schemas.ENTITY_KEY].tolist() == [f"user_{i}" for i in range(4)] + ["user_pit"]
+    assert fe.count_online_users(settings) == 0  # nothing was materialized
