@@ -152,14 +152,15 @@ def train_model(
         outcome = run_training(Path(training_set.path), Path(tmp) / "out", Settings.from_env())
         shutil.copyfile(outcome.model_path, model.path)
         Path(evaluation.path).mkdir(parents=True, exist_ok=True)
-        for produced in (outcome.metrics_path, outcome.plot_path):
+        for produced in (outcome.metrics_path, outcome.curves_path):
             shutil.copy(produced, Path(evaluation.path) / Path(produced).name)
     for name, value in outcome.metrics.items():
         if isinstance(value, (int, float)):
             metrics.log_metric(name, float(value))
+    metrics.log_metric("reference_roc_auc", float(outcome.metrics["reference"]["roc_auc"]))
     curve = outcome.roc_curve
     classification_metrics.log_roc_curve(curve["fpr"], curve["tpr"], curve["thresholds"])
-    classification_metrics.log_confusion_matrix(["legit", "fraud"], outcome.confusion_matrix)
+    classification_metrics.log_confusion_matrix(outcome.confusion_categories, outcome.confusion_matrix)
     model.metadata.update(
         {
             "format": "onnx",
@@ -185,12 +186,12 @@ def register_model(
 
     from fraud_common.logs import setup_logging
     from fraud_common.settings import Settings
-    from train.register import code_version, publish_and_register
+    from train.register import code_version, publish_model
 
     setup_logging()
     started = time.monotonic()
     settings = Settings.from_env().with_overrides(model_name=model_name, min_roc_auc=min_roc_auc)
-    version = publish_and_register(
+    version = publish_model(
         settings,
         model_path=model.path,
         metrics=model.metadata["metrics"],
