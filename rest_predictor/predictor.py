@@ -1,0 +1,208 @@
+"""The real-time fraud predictor: Feast online features in, ONNX fraud probability out.
+
+A ``kserve.Model`` named ``onnx-model`` served by ``kserve.ModelServer`` on ``settings.serve_port``
+(one worker process, gRPC off). ``load`` finds the model version in the registry (the one named
+by ``FRAUD_SERVE_MODEL_VERSION``, else the newest that passed the gate), fetches the ONNX artifact
+(local path or ``s3://``), opens the Feast store (after copying a published snapshot from
+``FRAUD_FEAST_SNAPSHOT_URI`` if set) and becomes ready only when a probe read and the model
+session both work. Each scored request does exactly one online-store read and one ONNX run.
+
+Wire formats
+------------
+``POST /v1/models/onnx-model:predict``
+
+* one user: ``{"user_id": "user_0"}`` →
+  ``{"user_id": "user_0", "prediction": [[0.0123]], "fraud": false,
+  "model_name": "fraud-detection", "model_version": "..."}``
+* a batch: ``{"user_ids": ["user_0", "user_1"]}`` →
+  ``{"user_ids": [...], "prediction": [[p0], [p1]], "fraud": [false, true],
+  "model_name": ..., "model_version": ...}``; rows in request order, duplicates allowed, at most
+  ``FRAUD_MAX_BATCH_SIZE`` ids. ``prediction`` is always the model's ``[n, 1]`` output and
+  ``fraud`` is ``prediction >= threshold`` (the threshold stored with the model).
+
+``POST /v2/models/onnx-model/infer`` (Open Inference Protocol): one input ``user_id``, datatype
+``BYTES``, shape ``[n]`` (or ``[n, 1]``); outputs ``prediction`` (FP32 ``[n, 1]``) and ``fraud``
+(BOOL ``[n]``), ``model_version`` set. kserve also serves ``/v2/health/ready``,
+``/v2/models/onnx-model`` (metadata), ``/v1/models/onnx-model`` and ``/metrics``.
+
+Errors are HTTP errors with body ``{"error": "<what was wrong>"}``: 400 for malformed JSON, a
+missing, empty or non-string ``user_id``, ``user_ids`` not a non-empty list of strings, both keys
+at once; 404 when any requested user has no features in the online store (the message lists
+them; a batch is answered whole or not at all); 413 for a batch above the limit; 500 for a
+broken feature value. The server keeps serving after any of them.
+
+Run: ``uv run python -m rest_predictor.predictor [--port 8081] [--model-version V]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import threading
+import time
+import urllib.request
+from typing import Any, Callable, Sequence
+
+import kserve
+import numpy as np
+from kserve import InferRequest
+
+from fraud_common.logs import get_logger, setup_logging
+from fraud_common.registry import ModelRegistry, open_registry
+from fraud_common.settings import Settings
+from rest_predictor import metrics
+from rest_predictor.errors import PredictorLoadError, RequestError, UnknownUser, request_error_handler
+from rest_predictor.model_artifact import LoadedModel, fetch_artifact, open_session, resolve_version
+from rest_predictor.online_features import OnlineFeatureReader
+from rest_predictor.payloads import parse_v1, parse_v2, v1_response, v2_response
+
+log = get_logger(__name__)
+
+SERVED_NAME = metrics.MODEL_NAME
+
+
+class FraudPredictor(kserve.Model):
+    """Scores users by id: one Feast online read, one ONNX run per request."""
+
+    def __init__(self, settings: Settings, registry: ModelRegistry | None = None, name: str = SERVED_NAME) -> None:
+        super().__init__(name)
+        self.settings = settings
+        self.registry = registry  # None: open_registry(settings) at load time
+        self.model: LoadedModel | None = None
+        self.features: OnlineFeatureReader | None = None
+
+    def load(self) -> bool:
+        """Resolve, fetch and open the model and the feature store; ready only if both work."""
+        self.ready = False
+        registry = self.registry if self.registry is not None else open_registry(self.settings)
+        version = resolve_version(registry, self.settings)
+        artifact = fetch_artifact(version.artifact_uri, self.settings, self.settings.home / "serving-cache")
+        model = open_session(artifact, version)
+        features = OnlineFeatureReader.open(self.settings, model.feature_names)
+        features.probe()
+        model.score(np.zeros((1, len(model.feature_names)), dtype=np.float32))  # the session answers
+        self.model, self.features = model, features
+        self.ready = True
+        log.info(
+            "serving model %s version %s (%s), threshold %.4f, features from %s",
+            model.model_name, model.version, model.artifact_uri, model.threshold, self.settings.feast_dir,
+        )
+        return self.ready
+
+    def predict(self, payload: dict | InferRequest, headers: dict[str, str] | None = None) -> Any:
+        """Score the users named in a v1 body or a v2 ``InferRequest`` (synchronous: no thread hop)."""
+        model, features = self.model, self.features
+        assert model is not None and features is not None, "predict called before load"
+        limit = self.settings.max_batch_size
+        if isinstance(payload, InferRequest):
+            user_ids, batch = parse_v2(payload, limit), True
+        else:
+            user_ids, batch = parse_v1(payload, limit)
+        rows, missing = features.read(user_ids)
+        if missing:
+            metrics.UNKNOWN_USERS.inc(len(missing))
+            raise UnknownUser(missing)
+        scores = model.score(rows)
+        metrics.SCORED_USERS.inc(len(user_ids))
+        if isinstance(payload, InferRequest):
+            return v2_response(payload, scores, model.threshold, self.name, model.version)
+        return v1_response(user_ids, batch, scores, model.threshold, model.model_name, model.version)
+
+
+def build_server(settings: Settings) -> kserve.ModelServer:
+    """A one-process ModelServer on ``settings.serve_port`` with our error handlers and metrics."""
+    from kserve.model_server import app
+
+    server = kserve.ModelServer(
+        http_port=settings.serve_port, enable_grpc=False, workers=1, enable_latency_logging=False
+    )
+    # Per-request log lines cost more than the prediction itself: keep them below INFO.
+    for chatty in ("kserve.trace", "uvicorn.access"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+    app.add_exception_handler(RequestError, request_error_handler)
+    app.add_middleware(metrics.RequestMetricsMiddleware)
+    return server
+
+
+def serve(
+    settings: Settings,
+    registry: ModelRegistry | None = None,
+    on_ready: Callable[[], None] | None = None,
+) -> None:
+    """Load the predictor and serve it until Ctrl-C / SIGTERM; raises ``PredictorLoadError`` if not ready.
+
+    ``on_ready`` is called once the HTTP server answers its readiness route.
+    """
+    predictor = FraudPredictor(settings, registry)
+    predictor.load()
+    server = build_server(settings)
+    use_uvloop()
+    if on_ready is not None:
+        threading.Thread(target=_call_when_ready, args=(settings.serve_port, on_ready), daemon=True).start()
+    log.info("predictor listening on port %d (model %s)", settings.serve_port, SERVED_NAME)
+    server.start([predictor])
+
+
+def _call_when_ready(port: int, on_ready: Callable[[], None], timeout_seconds: float = 120.0) -> None:
+    """Poll the v2 readiness route on loopback, then call ``on_ready`` once."""
+    url = f"http://127.0.0.1:{port}/v2/models/{SERVED_NAME}/ready"
+    deadline = time.monotonic() + timeout_seconds
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    on_ready()
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    log.error("predictor did not answer %s within %.0fs", url, timeout_seconds)
+
+
+def check_loadable(settings: Settings, registry: ModelRegistry | None = None) -> None:
+    """Load the predictor once without serving: the local form of a deployment's readiness check."""
+    FraudPredictor(settings, registry).load()
+
+
+def use_uvloop() -> None:
+    """Run the server on uvloop when installed: ModelServer.start uses ``asyncio.run``, so the
+    policy decides the loop, and uvloop's transports cost far less per request than asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    # ModelServer.setup_event_loop asks for the current loop before asyncio.run; give it one.
+    asyncio.set_event_loop(asyncio.new_event_loop())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: ``python -m rest_predictor.predictor [--port N] [--model-version V] [--log-level L]``."""
+    parser = argparse.ArgumentParser(description="Serve the registered fraud model over HTTP (KServe).")
+    parser.add_argument("--port", type=int, help="HTTP port (default: FRAUD_SERVE_PORT)")
+    parser.add_argument("--model-version", help="registered version to serve (default: newest that passed the gate)")
+    parser.add_argument("--log-level", help="log level (default: FRAUD_LOG_LEVEL)")
+    args = parser.parse_args(argv)
+    settings = Settings.from_env()
+    overrides: dict[str, object] = {}
+    if args.port is not None:
+        overrides["serve_port"] = args.port
+    if args.model_version:
+        overrides["serve_model_version"] = args.model_version
+    if args.log_level:
+        overrides["log_level"] = args.log_level
+    settings = settings.with_overrides(**overrides)
+    setup_logging(settings.log_level)
+    try:
+        serve(settings)
+    except PredictorLoadError as err:
+        log.error("predictor not ready: %s", err)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
