@@ -11,7 +11,8 @@ _FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 def setup_logging(level: str = "INFO") -> None:
     """Send log records to stderr with one format; safe to call more than once."""
     root = logging.getLogger()
-    if not any(getattr(h, "_fraud_detection", False) for h in root.handlers):
+    # Inside a KFP executor the root logger already has a handler: reuse it, do not double lines.
+    if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
         handler._fraud_detection = True  # type: ignore[attr-defined]

@@ -17,6 +17,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -112,6 +113,8 @@ def run_pipeline_locally(settings: Settings) -> float:
     """Execute the @dsl.pipeline with kfp.local's SubprocessRunner; returns seconds taken."""
     from kfp import local
 
+    # The step images are ours and this venv holds every step's dependencies: nothing to warn about.
+    warnings.filterwarnings("ignore", message="You may be attemping to run a task", category=RuntimeWarning)
     # Steps run in subprocesses of this venv and read their settings from the environment.
     os.environ.update(settings.to_env())
     runs = settings.home / "runs"

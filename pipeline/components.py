@@ -48,7 +48,7 @@ def prepare_data(
         from data_preparation.main import prepare
 
         report = prepare(settings.raw_uri, settings.prepared_uri, settings)
-        details = {"rows": report.rows, "users_without_history": report.users_without_history}
+        details = {"rows_per_split": report.rows_per_split, "users_without_history": report.users_without_history}
     else:
         from pipeline.k8s import launch_spark_preparation
 
@@ -90,7 +90,7 @@ def feature_engineering(
     started = time.monotonic()
     settings = Settings.from_env().with_overrides(data_uri=data_uri.rstrip("/"))
     report = apply_and_materialize(settings)
-    details = {"rows_materialized": report.rows_materialized, "feast_dir": settings.feast_dir}
+    details = {**report.to_dict(), "rows_materialized": report.rows_in_window, "feast_dir": settings.feast_dir}
     if platform != "local":
         # The predictor pods read this snapshot; a production store would be Redis or Postgres.
         publish_store(settings, settings.feast_snapshot_uri)
