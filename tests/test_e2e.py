@@ -1,0 +1,151 @@
+"""End to end on tiny data: `fraud-detection run` twice, then the live predictor it starts.
+
+This is what a new user does first; it runs the real pipeline with kfp.local (Spark local mode,
+Feast SQLite online store, Keras→ONNX, local registry) and a real KServe ModelServer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+import requests
+
+from fraud_common.registry import open_registry
+from fraud_common.schemas import FEATURES_DIR, MODEL_FEATURES
+from fraud_common.settings import Settings
+
+from conftest import free_port
+
+pytestmark = pytest.mark.slow
+USERS = 4000
+
+
+def _run(env: dict[str, str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("e2e") / "state"
+
+
+@pytest.fixture(scope="module")
+def env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FRAUD_", "AWS_", "S3_"))}
+    # Tiny data gives a noisier model than the default size; the bar is lowered for the test only.
+    env.update({"FRAUD_HOME": str(home), "FRAUD_MIN_ROC_AUC": "0.80", "FRAUD_SERVE_PORT": str(free_port())})
+    return env
+
+
+@pytest.fixture(scope="module")
+def first_run(env: dict[str, str]) -> subprocess.CompletedProcess:
+    result = _run(env, "run", "--users", str(USERS), "--no-serve", "--no-progress")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def server(first_run: subprocess.CompletedProcess, env: dict[str, str]) -> Iterator[dict]:
+    """A second `run` (new version), left serving; yields its base URL and captured output."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "run", "--no-progress"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def pump() -> None:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            lines.append(line)
+            if "curl -X POST" in line:
+                ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    if not ready.wait(600):
+        proc.kill()
+        pytest.fail("predictor never became ready:\n" + "".join(lines[-80:]))
+    yield {"url": f"http://127.0.0.1:{env['FRAUD_SERVE_PORT']}", "proc": proc, "lines": lines}
+    if proc.poll() is None:
+        proc.kill()
+
+
+def _predict(url: str, body: object) -> requests.Response:
+    data = body if isinstance(body, str) else json.dumps(body)
+    return requests.post(f"{url}/v1/models/onnx-model:predict", data=data, timeout=10)
+
+
+def test_rerun_registers_a_new_version_and_serves_it(server: dict, env: dict[str, str]) -> None:
+    settings = Settings.from_env(env)
+    versions = open_registry(settings).list_versions(settings.model_name)
+    assert len(versions) == 2 and len({v.version for v in versions}) == 2
+    answer = _predict(server["url"], {"user_id": "user_0"}).json()
+    assert answer["model_version"] == versions[-1].version
+
+
+def test_printed_curl_line_names_a_real_user(server: dict) -> None:
+    line = next(line for line in server["lines"] if "curl -X POST" in line)
+    user = line.split('"user_id": "')[1].split('"')[0]
+    answer = _predict(server["url"], {"user_id": user})
+    assert answer.status_code == 200, answer.text
+
+
+def test_served_scores_equal_offline_scores(server: dict, env: dict[str, str]) -> None:
+    import onnxruntime as ort
+    import pandas as pd
+
+    settings = Settings.from_env(env)
+    version = open_registry(settings).get_version(settings.model_name)
+    session = ort.InferenceSession(version.artifact_uri, providers=["CPUExecutionProvider"])
+    offline = pd.read_parquet(Path(settings.prepared_uri) / FEATURES_DIR).sort_values("user_id").head(40)
+    expected = session.run(None, {session.get_inputs()[0].name: offline[list(MODEL_FEATURES)].astype("float32").to_numpy()})[0]
+    for user, score in zip(offline["user_id"], expected[:, 0]):
+        answer = _predict(server["url"], {"user_id": user}).json()
+        assert abs(answer["prediction"][0][0] - float(score)) <= 1e-5, user
+        assert answer["fraud"] == (answer["prediction"][0][0] >= version.threshold)
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        ({"user_id": "user_999999999"}, 404),
+        ({}, 400),
+        ({"user_id": 42}, 400),
+        ({"user_id": ""}, 400),
+        ({"user_ids": "user_1"}, 400),
+        ("{not json", 400),
+        ({"user_ids": [f"user_{i}" for i in range(5000)]}, 413),
+    ],
+)
+def test_bad_requests_get_http_errors_and_the_server_keeps_serving(server: dict, body: object, status: int) -> None:
+    answer = _predict(server["url"], body)
+    assert answer.status_code == status, answer.text
+    assert answer.text.strip()  # the body says what was wrong
+    assert _predict(server["url"], {"user_id": "user_1"}).status_code == 200
+
+
+def test_concurrent_burst_has_no_errors(server: dict) -> None:
+    users = [{"user_id": f"user_{i}"} for i in range(200)]
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(lambda b: _predict(server["url"], b).status_code, users))
+    assert codes == [200] * len(users)
+
+
+def test_ctrl_c_stops_cleanly(server: dict) -> None:
+    proc = server["proc"]
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) in (0, 130)
+    with pytest.raises(requests.ConnectionError):
+        _predict(server["url"], {"user_id": "user_1"})
