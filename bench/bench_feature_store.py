@@ -1,6 +1,6 @@
 """Bench: Feast apply + materialize and historical retrieval on synthetic prepared Parquet.
 
-Usage: uv run python bench/feast_feature_store.py [--rows 50000 1000000] [--no-retrieve]
+Usage: uv run python bench/bench_feature_store.py [--rows 50000 1000000] [--no-retrieve]
 Writes bench/results/feast_feature_store.json. Each size runs in a fresh temporary FRAUD_HOME.
 """
 
