@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         "server_peak_rss_mb": server_rss_mb,
         "loadavg": os.getloadavg(),
         "cpu_count": os.cpu_count(),
-        "note": "client and server share the same 2 cores; other engineers' jobs ran on the machine too",
+        "note": "client and server share the same 2 cores",
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     tmp = RESULTS.with_suffix(".json.tmp")

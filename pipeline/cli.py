@@ -109,6 +109,45 @@ def curl_line(settings: Settings, user: str) -> str:
     )
 
 
+STEP_ORDER = ("prepare-data", "feature-engineering", "retrieve-features", "train-model", "register-model", "serve")
+
+
+def step_durations(run_dir: Path) -> dict[str, float]:
+    """Each step's own duration, read from the metadata its output artifacts recorded."""
+    import json
+
+    durations: dict[str, float] = {}
+    for step in STEP_ORDER:
+        output = run_dir / step / "executor_output.json"
+        if not output.is_file():
+            continue
+        artifacts = json.loads(output.read_text()).get("artifacts", {})
+        for entry in artifacts.values():
+            for artifact in entry.get("artifacts", []):
+                if "duration_seconds" in artifact.get("metadata", {}):
+                    durations[step] = float(artifact["metadata"]["duration_seconds"])
+    return durations
+
+
+def print_run_summary(settings: Settings, seconds: float) -> None:
+    """What the run did: each step's duration, where the evaluation is, what was registered."""
+    from fraud_common.registry import open_registry
+
+    runs = sorted((settings.home / "runs").glob("fraud-detection-e2e-*"), key=lambda p: p.stat().st_mtime)
+    version = open_registry(settings).get_version(settings.model_name)
+    metrics = version.metadata.get("metrics", {})
+    lines = [f"\nPipeline finished in {seconds:.0f}s (each step's own time; the rest is process start-up):"]
+    if runs:
+        lines += [f"  {step:<20} {took:7.1f}s" for step, took in step_durations(runs[-1]).items()]
+        lines.append(f"Evaluation (metrics.json, curves.png): {runs[-1] / 'train-model' / 'evaluation'}")
+    lines.append(
+        f"Registered {version.model_name} version {version.version}: test ROC-AUC "
+        f"{metrics.get('roc_auc', float('nan')):.4f}, PR-AUC {metrics.get('pr_auc', float('nan')):.4f}, "
+        f"threshold {version.threshold:.3f}"
+    )
+    print("\n".join(lines), flush=True)
+
+
 def run_pipeline_locally(settings: Settings) -> float:
     """Execute the @dsl.pipeline with kfp.local's SubprocessRunner; returns seconds taken."""
     from kfp import local
@@ -138,27 +177,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     raw_train = storage.join(settings.raw_uri, "train.csv")
     if not storage.exists(raw_train, settings):
         log.info("no data at %s: generating %d users", settings.raw_uri, args.users)
-        args.out, args.seed = None, args.seed
+        args.out = None
         cmd_generate(args)
-    seconds = run_pipeline_locally(settings)
-    from fraud_common.registry import open_registry
-
-    version = open_registry(settings).get_version(settings.model_name)
-    metrics = version.metadata.get("metrics", {})
-    log.info(
-        "pipeline finished in %.1fs: registered %s version %s (test ROC-AUC %s)",
-        seconds,
-        version.model_name,
-        version.version,
-        metrics.get("roc_auc"),
-    )
+    try:
+        seconds = run_pipeline_locally(settings)
+    except RuntimeError as err:  # kfp.local: a task failed; its own log above says why
+        log.error("%s (the failing step's log is above)", _plain(str(err)))
+        return 1
+    print_run_summary(settings, seconds)
     if args.no_serve:
         return 0
     return _serve(settings, started)
 
 
+def _plain(text: str) -> str:
+    """Text without terminal colour codes (kfp.local colours task names)."""
+    import re
+
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
 def _serve(settings: Settings, started: float | None = None) -> int:
     """Start the predictor on localhost and print a curl line once it is ready."""
+    from rest_predictor.errors import PredictorLoadError
     from rest_predictor.predictor import serve
 
     user = example_user(settings)
@@ -167,7 +208,11 @@ def _serve(settings: Settings, started: float | None = None) -> int:
         took = f" ({time.monotonic() - started:.0f}s after start)" if started else ""
         print(f"\nPredictor ready on port {settings.serve_port}{took}. Try:\n  {curl_line(settings, user)}\n", flush=True)
 
-    serve(settings, on_ready=announce)
+    try:
+        serve(settings, on_ready=announce)
+    except PredictorLoadError as err:
+        log.error("predictor not ready: %s", err)
+        return 1
     return 0
 
 

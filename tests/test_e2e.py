@@ -149,3 +149,14 @@ def test_ctrl_c_stops_cleanly(server: dict) -> None:
     assert proc.wait(timeout=30) in (0, 130)
     with pytest.raises(requests.ConnectionError):
         _predict(server["url"], {"user_id": "user_1"})
+
+
+def test_a_model_below_the_bar_fails_the_run_and_is_not_registered(server: dict, env: dict[str, str]) -> None:
+    settings = Settings.from_env(env)
+    before = open_registry(settings).list_versions(settings.model_name)
+    strict = {**env, "FRAUD_MIN_ROC_AUC": "0.9999"}
+    result = _run(strict, "run", "--no-serve", "--no-progress")
+    assert result.returncode == 1
+    output = result.stdout + result.stderr
+    assert "below the quality bar 0.9999" in output and "register-model" in output
+    assert open_registry(settings).list_versions(settings.model_name) == before
