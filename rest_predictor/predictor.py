@@ -42,6 +42,7 @@ import logging
 import threading
 import time
 import urllib.request
+import warnings
 from typing import Any, Callable, Sequence
 
 import kserve
@@ -117,6 +118,8 @@ def build_server(settings: Settings) -> kserve.ModelServer:
     server = kserve.ModelServer(
         http_port=settings.serve_port, enable_grpc=False, workers=1, enable_latency_logging=False
     )
+    # kserve's routes still use a response class FastAPI now deprecates; nothing for us to change.
+    warnings.filterwarnings("ignore", message="ORJSONResponse is deprecated")
     # Per-request log lines cost more than the prediction itself: keep them below INFO.
     for chatty in ("kserve.trace", "uvicorn.access"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
