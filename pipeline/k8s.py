@@ -24,6 +24,7 @@ import logging
 import re
 import time
 from typing import Any, Callable, Iterable, Mapping
+from urllib.parse import urlparse
 
 from kubernetes.client.exceptions import ApiException
 
@@ -47,6 +48,36 @@ KSERVE_GROUP, KSERVE_API_VERSION, KSERVE_PLURAL = "serving.kserve.io", "v1beta1"
 SPARK_VERSION = "4.3.0"
 PREDICTOR_PORT = 8080
 MODEL_VERSION_ANNOTATION = "fraud-detection.io/model-version"
+MODEL_VERSION_ENV = "FRAUD_SERVE_MODEL_VERSION"
+# KServe's container name for a custom predictor (the Deployment's pod template keeps it).
+PREDICTOR_CONTAINER = "kserve-container"
+# KServe 0.17 renamed RawDeployment to Standard (pkg/constants: LegacyRawDeployment is normalised).
+DEPLOYMENT_MODE_ANNOTATION, DEPLOYMENT_MODE = "serving.kserve.io/deploymentMode", "Standard"
+# A projected service-account token for the model-registry client, rotated by the kubelet.
+REGISTRY_TOKEN_DIR = "/var/run/secrets/fraud-detection/registry"
+REGISTRY_TOKEN_SECONDS = 3600
+
+# The Role that lets a step drive SparkApplications and InferenceServices is bound to the service
+# account KFP runs steps as, which the pipeline does not choose: KFP standalone's
+# DefaultPipelineRunnerServiceAccount in `kubeflow`, and on OpenShift AI the Data Science
+# Pipelines operator's `pipeline-runner-<DSPA name>` in the project namespace.
+PIPELINE_ROLE = "fraud-detection-pipeline"
+KFP_NAMESPACE = "kubeflow"
+KFP_RUNNER_SERVICE_ACCOUNT = "pipeline-runner"
+DSPA_NAME = "fraud-detection"
+DSPA_RUNNER_SERVICE_ACCOUNT = f"pipeline-runner-{DSPA_NAME}"
+
+# Labels linking an InferenceService to its registry version: the OpenShift AI dashboard's
+# (KnownLabels in odh-dashboard) and Kubeflow Model Registry's inferenceservice controller's
+# (manifests/kustomize/options/controller/overlays/base/params.env).
+ODH_REGISTERED_MODEL_ID_LABEL = "modelregistry.opendatahub.io/registered-model-id"
+ODH_MODEL_VERSION_ID_LABEL = "modelregistry.opendatahub.io/model-version-id"
+ODH_REGISTRY_NAME_LABEL = "modelregistry.opendatahub.io/name"
+KF_REGISTERED_MODEL_ID_LABEL = "modelregistry.kubeflow.org/registered-model-id"
+KF_MODEL_VERSION_ID_LABEL = "modelregistry.kubeflow.org/model-version-id"
+KF_REGISTRY_NAME_LABEL = "modelregistry.kubeflow.org/name"
+KF_REGISTRY_NAMESPACE_LABEL = "modelregistry.kubeflow.org/namespace"
+_LABEL_VALUE = re.compile(r"(?=.{1,63}$)[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
 
 SPARK_SUCCEEDED = {"COMPLETED"}
 SPARK_FAILED = {"FAILED", "SUBMISSION_FAILED"}
@@ -291,6 +322,34 @@ def run_spark_application(
         sleep(poll_seconds)
 
 
+def registry_link_labels(
+    registered_model_id: str = "",
+    model_version_id: str = "",
+    registry_name: str = "",
+    registry_namespace: str = "",
+) -> dict[str, str]:
+    """Labels that link an InferenceService to its model-registry version.
+
+    The OpenShift AI dashboard reads ``modelregistry.opendatahub.io/*``; Kubeflow's Model Registry
+    inferenceservice controller reads ``modelregistry.kubeflow.org/*`` (its params.env). Empty
+    values are left out; a value that is not a valid label value is an error.
+    """
+    wanted = {
+        ODH_REGISTERED_MODEL_ID_LABEL: registered_model_id,
+        ODH_MODEL_VERSION_ID_LABEL: model_version_id,
+        ODH_REGISTRY_NAME_LABEL: registry_name,
+        KF_REGISTERED_MODEL_ID_LABEL: registered_model_id,
+        KF_MODEL_VERSION_ID_LABEL: model_version_id,
+        KF_REGISTRY_NAME_LABEL: registry_name,
+        KF_REGISTRY_NAMESPACE_LABEL: registry_namespace,
+    }
+    labels = {key: str(value) for key, value in wanted.items() if value}
+    for key, value in labels.items():
+        if not _LABEL_VALUE.fullmatch(value):
+            raise ValueError(f"{key}={value!r} is not a valid Kubernetes label value (63 characters of [A-Za-z0-9_.-])")
+    return labels
+
+
 def inference_service(
     name: str,
     namespace: str,
@@ -305,24 +364,34 @@ def inference_service(
     max_replicas: int = 1,
     labels: Mapping[str, str] | None = None,
     image_pull_policy: str = "IfNotPresent",
+    feast_snapshot_uri: str = "",
+    registry_labels: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """A ``serving.kserve.io/v1beta1`` InferenceService running the predictor image (RawDeployment).
+    """A ``serving.kserve.io/v1beta1`` InferenceService running the predictor image (Standard mode).
 
     The model name and version go into the container's env (``FRAUD_MODEL_NAME``,
     ``FRAUD_SERVE_MODEL_VERSION``), so a new version changes the pod template and rolls the
-    Deployment. The predictor listens on 8080 (KServe's port for custom containers).
+    Deployment. ``feast_snapshot_uri`` pins the Feast store snapshot of that version (it wins over
+    the ConfigMap's default). ``registry_labels`` (see ``registry_link_labels``) link the service
+    to its registry version. The registry client authenticates with a projected, short-lived
+    service-account token (``KF_PIPELINES_SA_TOKEN_PATH``), never a stored one; the pod gets no
+    API token otherwise. The predictor listens on 8080 (KServe's port for custom containers).
     """
     sources = env_sources(secrets=(S3_SECRET, REGISTRY_SECRET)) if env_from is None else env_from
-    all_labels = {**project_labels("predictor"), **(labels or {})}
+    all_labels = {**project_labels("predictor"), **(labels or {}), **(registry_labels or {})}
     container_env = {
         **(env or {}),
         "FRAUD_MODEL_NAME": model_name,
-        "FRAUD_SERVE_MODEL_VERSION": model_version,
+        MODEL_VERSION_ENV: model_version,
         "FRAUD_SERVE_HOST": "0.0.0.0",
         "FRAUD_SERVE_PORT": str(PREDICTOR_PORT),
+        # The model-registry client reads its bearer token from the file this variable names.
+        "KF_PIPELINES_SA_TOKEN_PATH": f"{REGISTRY_TOKEN_DIR}/token",
     }
+    if feast_snapshot_uri:
+        container_env["FRAUD_FEAST_SNAPSHOT_URI"] = feast_snapshot_uri
     container: dict[str, Any] = {
-        "name": "kserve-container",
+        "name": PREDICTOR_CONTAINER,
         "image": image,
         "imagePullPolicy": image_pull_policy,
         "ports": [{"containerPort": PREDICTOR_PORT, "protocol": "TCP"}],
@@ -335,6 +404,7 @@ def inference_service(
         # The server listens only after the model and Feast store are loaded.
         "readinessProbe": {"tcpSocket": {"port": PREDICTOR_PORT}, "periodSeconds": 5, "failureThreshold": 3},
         "securityContext": _RESTRICTED,
+        "volumeMounts": [{"name": "registry-token", "mountPath": REGISTRY_TOKEN_DIR, "readOnly": True}],
     }
     return {
         "apiVersion": f"{KSERVE_GROUP}/{KSERVE_API_VERSION}",
@@ -344,8 +414,8 @@ def inference_service(
             "namespace": namespace,
             "labels": all_labels,
             "annotations": {
-                # No Knative/Istio: a plain Deployment + Service.
-                "serving.kserve.io/deploymentMode": "RawDeployment",
+                # No Knative/Istio: a plain Deployment + Service ("RawDeployment" before KServe 0.17).
+                DEPLOYMENT_MODE_ANNOTATION: DEPLOYMENT_MODE,
                 MODEL_VERSION_ANNOTATION: f"{model_name}:{model_version}",
             },
         },
@@ -356,6 +426,12 @@ def inference_service(
                 "maxReplicas": int(max_replicas),
                 "labels": all_labels,
                 "containers": [container],
+                "volumes": [{
+                    "name": "registry-token",
+                    "projected": {"sources": [{"serviceAccountToken": {
+                        "path": "token", "expirationSeconds": REGISTRY_TOKEN_SECONDS,
+                    }}]},
+                }],
             }
         },
     }
@@ -383,8 +459,70 @@ def isvc_url(obj: Mapping[str, Any]) -> str:
     return (
         (status.get("address") or {}).get("url")
         or status.get("url")
-        or f"http://{name}-predictor.{namespace}.svc.cluster.local"
+        or f"http://{predictor_deployment_name(name)}.{namespace}.svc.cluster.local"
     )
+
+
+def predictor_deployment_name(isvc_name: str) -> str:
+    """The Deployment (and Service) KServe creates for the predictor in Standard mode: ``<isvc>-predictor``."""
+    return f"{isvc_name}-predictor"
+
+
+def _as_dict(obj: Any) -> dict[str, Any]:
+    """A Deployment as a plain dict (camelCase keys), from the client's model or from a dict."""
+    if isinstance(obj, Mapping):
+        return dict(obj)
+    from kubernetes.client import ApiClient
+
+    return ApiClient().sanitize_for_serialization(obj)
+
+
+def _template_version(deployment: Mapping[str, Any]) -> str | None:
+    """The model version the Deployment's pod template serves (its predictor container's env)."""
+    containers = (((deployment.get("spec") or {}).get("template") or {}).get("spec") or {}).get("containers") or []
+    for container in containers:
+        if container.get("name") == PREDICTOR_CONTAINER:
+            for item in container.get("env") or []:
+                if item.get("name") == MODEL_VERSION_ENV:
+                    return item.get("value")
+    return None
+
+
+def rollout_state(deployment: Mapping[str, Any], model_version: str) -> tuple[bool, str]:
+    """(done, what is missing) for the predictor Deployment's rollout of ``model_version``.
+
+    Done means what ``kubectl rollout status`` checks, for the template that serves this version:
+    the controller observed the Deployment's current generation, every replica runs the new
+    template, no old replica is left, and all new replicas are available.
+    """
+    meta, spec, status = (deployment.get(k) or {} for k in ("metadata", "spec", "status"))
+    served = _template_version(deployment)
+    if served != model_version:
+        return False, f"pod template serves version {served!r}, not {model_version!r} yet"
+    generation, observed = meta.get("generation") or 0, status.get("observedGeneration") or 0
+    if observed < generation:
+        return False, f"Deployment generation {generation} not observed yet (observed {observed})"
+    wanted = spec.get("replicas", 1)
+    updated = status.get("updatedReplicas") or 0
+    total = status.get("replicas") or 0
+    available = status.get("availableReplicas") or 0
+    if updated < wanted:
+        return False, f"{updated} of {wanted} replicas updated"
+    if total > updated:
+        return False, f"{total - updated} old replicas still running"
+    if available < updated:
+        return False, f"{available} of {updated} updated replicas available"
+    return True, "rolled out"
+
+
+def _rollout_failure(deployment: Mapping[str, Any]) -> str:
+    """The Deployment's reason for giving up (Progressing=False, e.g. ProgressDeadlineExceeded)."""
+    for condition in (deployment.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == "Progressing" and condition.get("status") == "False":
+            return f"{condition.get('reason', '')}: {condition.get('message', '')}".strip(": ")
+        if condition.get("type") == "ReplicaFailure" and condition.get("status") == "True":
+            return f"{condition.get('reason', '')}: {condition.get('message', '')}".strip(": ")
+    return ""
 
 
 def deploy_inference_service(
@@ -392,17 +530,24 @@ def deploy_inference_service(
     body: dict[str, Any],
     timeout_seconds: float,
     poll_seconds: float = 5,
+    apps_api: Any = None,
     log: logging.Logger = _log,
     sleep: Sleep = time.sleep,
     clock: Clock = time.monotonic,
 ) -> str:
-    """Create the InferenceService, or merge-patch it when it exists; wait for Ready; return its URL.
+    """Create the InferenceService, or merge-patch it when it exists; wait for the new version; return its URL.
 
-    Readiness counts only once KServe has observed the generation this call produced, so a
-    patched service is not reported Ready on the previous version's status.
+    Done when the predictor Deployment KServe creates (``<name>-predictor``) has rolled out a pod
+    template serving the body's model version (``rollout_state``) and the InferenceService is
+    Ready. In Standard mode KServe copies the Deployment's observedGeneration into the
+    InferenceService status, so that number says nothing about the InferenceService's own
+    generation and is not used.
     """
     namespace, name = _name_of(body)
     ref = (KSERVE_GROUP, KSERVE_API_VERSION, namespace, KSERVE_PLURAL)
+    if apps_api is None:
+        apps_api = apps_v1_api()
+    model_version = _template_version({"spec": {"template": {"spec": body["spec"]["predictor"]}}})
     deadline = clock() + timeout_seconds
     patch = {"metadata": {k: body["metadata"][k] for k in ("labels", "annotations")}, "spec": body["spec"]}
     try:
@@ -413,43 +558,57 @@ def deploy_inference_service(
             raise
         exists = False
     if exists:
-        applied = api.patch_namespaced_custom_object(*ref, name, patch)
-        log.info("InferenceService %s/%s exists: patched to the new version", namespace, name)
+        api.patch_namespaced_custom_object(*ref, name, patch)
+        log.info("InferenceService %s/%s exists: patched to version %s", namespace, name, model_version)
     else:
         try:
-            applied = api.create_namespaced_custom_object(*ref, body)
-            log.info("InferenceService %s/%s created", namespace, name)
+            api.create_namespaced_custom_object(*ref, body)
+            log.info("InferenceService %s/%s created (version %s)", namespace, name, model_version)
         except ApiException as err:
             if err.status != 409:
                 raise
             # Created by someone else between our get and create: roll it instead.
-            applied = api.patch_namespaced_custom_object(*ref, name, patch)
+            api.patch_namespaced_custom_object(*ref, name, patch)
             log.info("InferenceService %s/%s appeared meanwhile: patched", namespace, name)
-    generation = ((applied or {}).get("metadata") or {}).get("generation")
 
+    deployment_name = predictor_deployment_name(name)
+    last = ""
     while True:
+        try:
+            deployment = _as_dict(apps_api.read_namespaced_deployment(deployment_name, namespace))
+            rolled_out, waiting_for = rollout_state(deployment, model_version)
+        except ApiException as err:
+            if err.status != 404:
+                raise
+            deployment, rolled_out, waiting_for = {}, False, f"Deployment {deployment_name} not created yet"
         obj = api.get_namespaced_custom_object(*ref, name)
         status = obj.get("status") or {}
-        observed = status.get("observedGeneration")
-        current = generation is None or observed is None or observed >= generation
-        if current and _is_ready(status):
+        if rolled_out and _is_ready(status):
             url = isvc_url(obj)
-            log.info("InferenceService %s/%s Ready at %s", namespace, name, url)
+            log.info("InferenceService %s/%s Ready at %s, serving version %s", namespace, name, url, model_version)
             return url
+        if not rolled_out and waiting_for != last:
+            log.info("InferenceService %s/%s: %s", namespace, name, waiting_for)
+            last = waiting_for
         transition = (status.get("modelStatus") or {}).get("transitionStatus")
-        if current and transition in ISVC_TERMINAL:
+        # A failed load counts once the new template exists (it could be the previous version's).
+        if transition == "InvalidSpec" or (transition in ISVC_TERMINAL and _template_version(deployment) == model_version):
             raise InferenceServiceFailed(
                 f"InferenceService {namespace}/{name} {transition}: {_isvc_failure(status) or 'no reason given'}"
             )
+        stuck = _rollout_failure(deployment) if _template_version(deployment) == model_version else ""
+        if stuck:
+            raise InferenceServiceFailed(f"InferenceService {namespace}/{name} version {model_version}: {stuck}")
         if clock() >= deadline:
-            reason = _isvc_failure(status) if current else ""
+            reason = _isvc_failure(status)
+            detail = f"{waiting_for}" if not rolled_out else "rolled out but not Ready"
             if reason:
                 raise InferenceServiceFailed(
-                    f"InferenceService {namespace}/{name} not Ready within {timeout_seconds}s: {reason}"
+                    f"InferenceService {namespace}/{name} not Ready within {timeout_seconds}s ({detail}): {reason}"
                 )
             raise TimeoutError(
                 f"InferenceService {namespace}/{name} not Ready within {timeout_seconds}s "
-                f"(observed generation {observed}, wanted {generation}; no failure reason reported)"
+                f"({detail}; no failure reason reported)"
             )
         sleep(poll_seconds)
 
@@ -514,6 +673,26 @@ def launch_spark_preparation(
     }
 
 
+def apps_v1_api() -> Any:
+    """AppsV1Api (reads the predictor Deployment) with the same configuration as ``kubernetes_apis``."""
+    from kubernetes import client
+
+    kubernetes_apis()
+    return client.AppsV1Api()
+
+
+def registry_service(registry_uri: str) -> tuple[str, str]:
+    """(Service name, namespace) of an in-cluster registry address ``http(s)://<svc>.<ns>.svc...``.
+
+    ("", "") for any other address (a Route, localhost): the labels then leave the name out.
+    """
+    host = urlparse(registry_uri).hostname or ""
+    parts = host.split(".")
+    if len(parts) >= 3 and parts[2] == "svc":
+        return parts[0], parts[1]
+    return "", ""
+
+
 def launch_inference_service(
     settings: Any,
     namespace: str,
@@ -523,16 +702,33 @@ def launch_inference_service(
     model_version: str,
     timeout_seconds: int,
     api: Any = None,
+    feast_snapshot_uri: str = "",
+    registered_model_id: str = "",
+    model_version_id: str = "",
+    apps_api: Any = None,
     **wait_options: Any,
 ) -> str:
-    """Create or roll the predictor InferenceService to ``model_version``; return its URL."""
+    """Create or roll the predictor InferenceService to ``model_version``; return its URL.
+
+    ``feast_snapshot_uri``: the Feast store snapshot of this model version (the run's artifact),
+    so a pod restarted later still loads the features its model was trained against.
+    ``registered_model_id`` / ``model_version_id``: the registry's ids, written as the labels
+    that link the service to its version (the registry's name and namespace come from
+    ``settings.registry_uri``).
+    """
     if api is None:
         api, _ = kubernetes_apis()
+    registry_name, registry_namespace = registry_service(settings.registry_uri)
     body = inference_service(
         name=service_name,
         namespace=namespace,
         image=image,
         model_name=model_name,
         model_version=model_version,
+        feast_snapshot_uri=feast_snapshot_uri,
+        registry_labels=registry_link_labels(
+            registered_model_id, model_version_id,
+            registry_name if registered_model_id else "", registry_namespace if registered_model_id else "",
+        ),
     )
-    return deploy_inference_service(api, body, timeout_seconds, **wait_options)
+    return deploy_inference_service(api, body, timeout_seconds, apps_api=apps_api, **wait_options)

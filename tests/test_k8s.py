@@ -261,7 +261,8 @@ def test_spark_application_rejects_non_positive_resources() -> None:
 def test_inference_service_body_is_valid_against_the_crd() -> None:
     body = _isvc_body("7")
     assert crd_errors(body) == []
-    assert body["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
+    # KServe 0.17+ calls the no-Knative mode "Standard" ("RawDeployment" is a legacy alias).
+    assert body["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Standard"
     env = _env(body)
     assert env["FRAUD_SERVE_MODEL_VERSION"] == "7" and env["FRAUD_MODEL_NAME"] == "fraud-detection"
     predictor = body["spec"]["predictor"]
@@ -334,64 +335,194 @@ def test_spark_existing_app_from_an_earlier_attempt_is_replaced() -> None:
 
 # ---------------------------------------------------------------- deploy_inference_service
 
-def _ready(generation: int, url: str = "http://fraud-detection-predictor.fraud-detection.svc.cluster.local") -> dict:
+class FakeApps:
+    """AppsV1Api at its one call: ``read_namespaced_deployment`` answers with scripted Deployments
+    (None: 404, the Deployment does not exist yet); the last one repeats."""
+
+    def __init__(self, deployments: list[dict[str, Any] | None]):
+        self.deployments = list(deployments)
+        self.asked: list[tuple[str, str]] = []
+
+    def read_namespaced_deployment(self, name: str, namespace: str) -> dict[str, Any]:
+        self.asked.append((namespace, name))
+        current = self.deployments.pop(0) if len(self.deployments) > 1 else self.deployments[0]
+        if current is None:
+            raise ApiException(status=404, reason="NotFound")
+        return copy.deepcopy(current)
+
+
+def _deployment(version: str, generation: int = 2, observed: int = 2, replicas: int = 1, updated: int = 1,
+                total: int = 1, available: int = 1, conditions: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The predictor Deployment as KServe's Standard mode builds it, with a rollout status."""
+    return {
+        "metadata": {"name": "fraud-detection-predictor", "generation": generation},
+        "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": "isvc.fraud-detection-predictor"}},
+                 "template": {"spec": {"containers": [
+            {"name": "kserve-container", "env": [{"name": "FRAUD_SERVE_MODEL_VERSION", "value": version}]}]}}},
+        "status": {"observedGeneration": observed, "replicas": total, "updatedReplicas": updated,
+                   "availableReplicas": available, "conditions": conditions or []},
+    }
+
+
+def _ready(generation: int = 1, url: str = "http://fraud-detection-predictor.fraud-detection.svc.cluster.local") -> dict:
     return {"observedGeneration": generation, "address": {"url": url},
             "conditions": [{"type": "PredictorReady", "status": "True"}, {"type": "Ready", "status": "True"}]}
 
 
-def test_serve_creates_then_a_second_deploy_patches_to_the_new_version() -> None:
-    api = FakeCustomObjects([{}, _ready(1)])
+def test_serve_creates_then_a_second_deploy_waits_for_the_new_versions_rollout() -> None:
+    api = FakeCustomObjects([{}, _ready()])
+    apps = FakeApps([None, _deployment("1", generation=1, observed=1)])
     time = FakeClock()
-    url = k8s.deploy_inference_service(api, _isvc_body("1"), 300, sleep=time.sleep, clock=time.clock)
+    url = k8s.deploy_inference_service(api, _isvc_body("1"), 300, apps_api=apps, sleep=time.sleep, clock=time.clock)
     assert url.endswith("svc.cluster.local")
     assert api.verbs() == ["get", "create", "get", "get"]
+    assert apps.asked[0] == (NS, "fraud-detection-predictor")
 
-    # Second run: the status still shows the old generation Ready before KServe catches up.
+    # Second run: the InferenceService stays Ready on the old pods (and in Standard mode its
+    # observedGeneration is the Deployment's, so it may even look "current") while the rollout runs.
     api.calls.clear()
-    api.statuses = [_ready(1), _ready(1), _ready(1), _ready(2)]
-    k8s.deploy_inference_service(api, _isvc_body("2"), 300, sleep=time.sleep, clock=time.clock)
+    api.statuses = [_ready(2)]
+    apps = FakeApps([
+        _deployment("1", generation=1, observed=1),            # KServe has not updated the template yet
+        _deployment("2", generation=2, observed=1),            # new template, controller behind
+        _deployment("2", updated=1, total=2, available=1),     # an old pod still serves
+        _deployment("2", updated=1, total=1, available=0),     # new pod not available yet
+        _deployment("2"),                                      # rolled out
+    ])
+    time.now = 0
+    k8s.deploy_inference_service(api, _isvc_body("2"), 300, poll_seconds=5, apps_api=apps,
+                                 sleep=time.sleep, clock=time.clock)
+    assert len(apps.asked) == 5 and time.now == 20, "returned before the new version was rolled out"
     assert "create" not in api.verbs() and api.verbs().count("patch") == 1
-    assert api.verbs() == ["get", "patch", "get", "get", "get"]
     stored = api.objects[("inferenceservices", NS, "fraud-detection")]
     assert _env(stored)["FRAUD_SERVE_MODEL_VERSION"] == "2"
     assert stored["metadata"]["annotations"][k8s.MODEL_VERSION_ANNOTATION] == "fraud-detection:2"
+
+
+@pytest.mark.parametrize(("deployment", "done", "says"), [
+    (_deployment("7"), True, "rolled out"),
+    (_deployment("6"), False, "serves version '6'"),
+    (_deployment("7", generation=3, observed=2), False, "generation 3 not observed"),
+    (_deployment("7", replicas=2, updated=1, total=2, available=2), False, "1 of 2 replicas updated"),
+    (_deployment("7", updated=1, total=2), False, "1 old replicas still running"),
+    (_deployment("7", available=0), False, "0 of 1 updated replicas available"),
+])
+def test_rollout_state_names_what_is_missing(deployment, done, says) -> None:
+    state, message = k8s.rollout_state(deployment, "7")
+    assert state is done and says in message
+
+
+def test_rollout_state_reads_a_client_model_too() -> None:
+    from kubernetes import client
+
+    model = client.ApiClient()._ApiClient__deserialize(_deployment("7"), "V1Deployment")
+    assert k8s.rollout_state(k8s._as_dict(model), "7") == (True, "rolled out")
 
 
 def test_serve_conflict_on_create_patches_instead() -> None:
     api = FakeCustomObjects([_ready(2)], create_conflicts=1)
     time = FakeClock()
     # get says 404 (object not there yet), create says 409 (it appeared meanwhile).
-    k8s.deploy_inference_service(api, _isvc_body("3"), 300, sleep=time.sleep, clock=time.clock)
+    k8s.deploy_inference_service(api, _isvc_body("3"), 300, apps_api=FakeApps([_deployment("3")]),
+                                 sleep=time.sleep, clock=time.clock)
     assert api.verbs() == ["get", "create", "patch", "get"]
 
 
-def test_serve_terminal_failure_raises_with_kserve_reason() -> None:
-    failed = {"observedGeneration": 1, "modelStatus": {
+def _failed_load() -> dict[str, Any]:
+    return {"modelStatus": {
         "transitionStatus": "BlockedByFailedLoad",
         "lastFailureInfo": {"reason": "ModelLoadFailed", "message": "no model version passed the gate"}},
         "conditions": [{"type": "Ready", "status": "False", "reason": "PredictorNotReady"}]}
-    api = FakeCustomObjects([failed])
+
+
+def test_serve_terminal_failure_of_the_new_version_raises_with_kserve_reason() -> None:
+    api = FakeCustomObjects([_failed_load()])
     time = FakeClock()
     with pytest.raises(k8s.InferenceServiceFailed, match="ModelLoadFailed: no model version passed the gate"):
-        k8s.deploy_inference_service(api, _isvc_body(), 300, sleep=time.sleep, clock=time.clock)
+        k8s.deploy_inference_service(api, _isvc_body("1"), 300, apps_api=FakeApps([_deployment("1", available=0)]),
+                                     sleep=time.sleep, clock=time.clock)
     assert time.now == 0  # terminal: no waiting for the deadline
 
 
+def test_serve_ignores_the_previous_versions_failure_until_its_template_is_replaced() -> None:
+    api = FakeCustomObjects([_failed_load(), _failed_load(), _ready()])
+    apps = FakeApps([_deployment("1", available=0), _deployment("2", available=0), _deployment("2")])
+    time = FakeClock()
+    with pytest.raises(k8s.InferenceServiceFailed):
+        k8s.deploy_inference_service(api, _isvc_body("2"), 300, apps_api=apps, sleep=time.sleep, clock=time.clock)
+    assert time.now == 5, "the old template's failure must not count; the new template's does"
+
+
+def test_serve_stuck_rollout_of_the_new_version_is_a_failure() -> None:
+    stuck = _deployment("2", updated=1, total=2, available=0, conditions=[
+        {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+         "message": 'ReplicaSet "fraud-detection-predictor-7f9" has timed out progressing.'}])
+    api = FakeCustomObjects([_ready()])
+    time = FakeClock()
+    with pytest.raises(k8s.InferenceServiceFailed, match="version 2: ProgressDeadlineExceeded"):
+        k8s.deploy_inference_service(api, _isvc_body("2"), 300, apps_api=FakeApps([stuck]),
+                                     sleep=time.sleep, clock=time.clock)
+
+
 def test_serve_not_ready_with_a_reason_at_the_deadline_is_a_failure() -> None:
-    stuck = {"observedGeneration": 1, "conditions": [
-        {"type": "Ready", "status": "False", "reason": "ProgressDeadlineExceeded",
+    stuck = {"conditions": [
+        {"type": "Ready", "status": "False", "reason": "PredictorNotReady",
          "message": "ImagePullBackOff: quay.io/fraud-detection-blueprint/rest-predictor:0.1.0"}]}
     api = FakeCustomObjects([stuck])
     time = FakeClock()
-    with pytest.raises(k8s.InferenceServiceFailed, match="ImagePullBackOff"):
-        k8s.deploy_inference_service(api, _isvc_body(), 30, poll_seconds=10, sleep=time.sleep, clock=time.clock)
+    with pytest.raises(k8s.InferenceServiceFailed, match="0 of 1 updated replicas available.*ImagePullBackOff"):
+        k8s.deploy_inference_service(api, _isvc_body("1"), 30, poll_seconds=10,
+                                     apps_api=FakeApps([_deployment("1", available=0)]),
+                                     sleep=time.sleep, clock=time.clock)
 
 
-def test_serve_timeout_without_a_reason_is_a_timeout() -> None:
+def test_serve_timeout_without_a_reason_names_what_it_waited_for() -> None:
     api = FakeCustomObjects([{}])
     time = FakeClock()
-    with pytest.raises(TimeoutError, match="fraud-detection/fraud-detection not Ready within 30s"):
-        k8s.deploy_inference_service(api, _isvc_body(), 30, poll_seconds=10, sleep=time.sleep, clock=time.clock)
+    with pytest.raises(TimeoutError, match="not Ready within 30s .Deployment fraud-detection-predictor not created yet"):
+        k8s.deploy_inference_service(api, _isvc_body(), 30, poll_seconds=10, apps_api=FakeApps([None]),
+                                     sleep=time.sleep, clock=time.clock)
+
+
+def test_predictor_gets_a_projected_registry_token_and_no_stored_one() -> None:
+    body = _isvc_body("4")
+    predictor = body["spec"]["predictor"]
+    container = predictor["containers"][0]
+    token_path = _env(body)["KF_PIPELINES_SA_TOKEN_PATH"]
+    mount = container["volumeMounts"][0]
+    assert token_path == f"{mount['mountPath']}/token" and mount["readOnly"] is True
+    (volume,) = [v for v in predictor["volumes"] if v["name"] == mount["name"]]
+    (source,) = volume["projected"]["sources"]
+    assert source["serviceAccountToken"]["path"] == "token"
+    assert 600 <= source["serviceAccountToken"]["expirationSeconds"] <= 86400
+    assert "FRAUD_REGISTRY_TOKEN" not in _env(body)
+    assert crd_errors(body) == []
+
+
+def test_registry_link_labels_name_the_version_for_both_dashboards() -> None:
+    labels = k8s.registry_link_labels("12", "34", "model-registry-service", "kubeflow")
+    assert labels == {
+        "modelregistry.opendatahub.io/registered-model-id": "12",
+        "modelregistry.opendatahub.io/model-version-id": "34",
+        "modelregistry.opendatahub.io/name": "model-registry-service",
+        "modelregistry.kubeflow.org/registered-model-id": "12",
+        "modelregistry.kubeflow.org/model-version-id": "34",
+        "modelregistry.kubeflow.org/name": "model-registry-service",
+        "modelregistry.kubeflow.org/namespace": "kubeflow",
+    }
+    assert k8s.registry_link_labels() == {}
+    with pytest.raises(ValueError, match="model-version-id='a b' is not a valid Kubernetes label value"):
+        k8s.registry_link_labels("1", "a b")
+
+
+@pytest.mark.parametrize(("uri", "expected"), [
+    ("http://model-registry-service.kubeflow.svc.cluster.local", ("model-registry-service", "kubeflow")),
+    ("https://fraud-detection-registry.rhoai-model-registries.svc:8443", ("fraud-detection-registry", "rhoai-model-registries")),
+    ("https://fraud-detection-registry-rest.apps.example.com", ("", "")),
+    ("http://localhost:8080", ("", "")),
+])
+def test_registry_service_is_read_from_in_cluster_addresses_only(uri, expected) -> None:
+    assert k8s.registry_service(uri) == expected
 
 
 # ---------------------------------------------------------------- entry points used by the KFP steps
@@ -417,12 +548,38 @@ def test_launch_spark_preparation_wires_the_run_into_a_valid_application() -> No
     assert main_file.is_file(), "the SparkApplication runs data_preparation/main.py"
 
 
-def test_launch_inference_service_returns_the_ready_url() -> None:
+def test_launch_inference_service_returns_the_ready_url_and_links_the_version() -> None:
     from fraud_common.settings import Settings
 
+    settings = Settings.from_env({"FRAUD_REGISTRY_URI": "http://model-registry-service.kubeflow.svc.cluster.local"})
     api = FakeCustomObjects([{}, _ready(1, "http://svc.example")])
     time = FakeClock()
-    url = k8s.launch_inference_service(Settings.from_env({}), NS, "fraud-detection", "img:1", "fraud-detection",
-                                       "5", 60, api=api, sleep=time.sleep, clock=time.clock)
+    url = k8s.launch_inference_service(settings, NS, "fraud-detection", "img:1", "fraud-detection", "5", 60,
+                                       api=api, apps_api=FakeApps([_deployment("5")]),
+                                       feast_snapshot_uri="s3://fraud-detection/feast/versions/5",
+                                       registered_model_id="3", model_version_id="9",
+                                       sleep=time.sleep, clock=time.clock)
     assert url == "http://svc.example"
-    assert _env(api.objects[("inferenceservices", NS, "fraud-detection")])["FRAUD_SERVE_MODEL_VERSION"] == "5"
+    stored = api.objects[("inferenceservices", NS, "fraud-detection")]
+    assert crd_errors(stored) == []
+    env = _env(stored)
+    assert env["FRAUD_SERVE_MODEL_VERSION"] == "5"
+    # The snapshot of this version, not the ConfigMap's shared default (explicit env wins over envFrom).
+    assert env["FRAUD_FEAST_SNAPSHOT_URI"] == "s3://fraud-detection/feast/versions/5"
+    for labels in (stored["metadata"]["labels"], stored["spec"]["predictor"]["labels"]):
+        assert labels["modelregistry.opendatahub.io/model-version-id"] == "9"
+        assert labels["modelregistry.kubeflow.org/registered-model-id"] == "3"
+        assert labels["modelregistry.kubeflow.org/name"] == "model-registry-service"
+        assert labels["modelregistry.kubeflow.org/namespace"] == "kubeflow"
+
+
+def test_launch_inference_service_without_registry_ids_adds_no_link_labels() -> None:
+    from fraud_common.settings import Settings
+
+    api = FakeCustomObjects([_ready()])
+    time = FakeClock()
+    k8s.launch_inference_service(Settings.from_env({}), NS, "fraud-detection", "img:1", "fraud-detection", "5", 60,
+                                 api=api, apps_api=FakeApps([_deployment("5")]), sleep=time.sleep, clock=time.clock)
+    stored = api.objects[("inferenceservices", NS, "fraud-detection")]
+    assert not any(key.startswith("modelregistry.") for key in stored["metadata"]["labels"])
+    assert "FRAUD_FEAST_SNAPSHOT_URI" not in _env(stored)
