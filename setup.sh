@@ -1,66 +1,103 @@
 #!/usr/bin/env bash
 # Stand the fraud-detection stack up on a local kind cluster, in one command; safe to rerun.
 #
-#   ./setup.sh                 kind: cluster, KFP standalone, cert-manager, KServe (RawDeployment),
-#                              Model Registry, Spark Operator, manifests/, data upload
-#   ./setup.sh --openshift     OpenShift AI: apply dspa/ to the current `oc` project context
+#   ./setup.sh                 kind: cluster, KFP standalone, cert-manager, KServe (Standard mode),
+#                              Model Registry, manifests/ (namespace, MinIO, RBAC, settings),
+#                              Spark Operator watching fraud-detection, data upload
+#   ./setup.sh --openshift     OpenShift AI: apply dspa/ to the current `oc` login, install the
+#                              Spark Operator for fraud-detection, upload the data
+#   ./setup.sh --dry-run       print every command and manifest in order; change nothing
 #   ./setup.sh --skip-data     do not generate and upload data
+#   ./setup.sh --skip-spark-operator   the cluster already has one watching fraud-detection
 #   ./setup.sh --users N       size of the generated data set (default 20000)
 #
 # Every install step is idempotent (create-if-absent, apply, helm upgrade --install) and every
-# wait has a timeout that names what did not become ready. Versions are pinned below.
+# wait has a timeout that names what did not become ready. Versions are pinned below; why each
+# is in docs/cluster.md.
 set -euo pipefail
 
 # ---------------------------------------------------------------- pinned versions
 KIND_CLUSTER="${KIND_CLUSTER:-fraud-detection}"
 KIND_NODE_IMAGE="kindest/node:v1.32.2"
-KFP_VERSION="2.15.0"
+# Matches the kfp / kfp-kubernetes SDK in uv.lock (2.16.1).
+KFP_VERSION="2.16.1"
 CERT_MANAGER_VERSION="v1.17.2"
-KSERVE_VERSION="v0.17.0"
-MODEL_REGISTRY_VERSION="v0.3.4"
-SPARK_OPERATOR_CHART_VERSION="2.5.1"
+# Matches the kserve Python package the predictor image is built with (uv.lock: 0.21.0).
+KSERVE_VERSION="v0.21.0"
+# Matches the model-registry client in uv.lock (0.3.18), which calls the server's /api/model_registry/v1.
+MODEL_REGISTRY_VERSION="v0.3.18"
+SPARK_OPERATOR_CHART_VERSION="2.5.2"
 
 NAMESPACE="fraud-detection"
 KFP_NAMESPACE="kubeflow"
+SPARK_OPERATOR_NAMESPACE="spark-operator"
 BUCKET="fraud-detection"
 WAIT_TIMEOUT="${WAIT_TIMEOUT:-600s}"
 MINIO_LOCAL_PORT="${MINIO_LOCAL_PORT:-19000}"
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 OPENSHIFT=false
+DRY_RUN=false
 SKIP_DATA=false
+SKIP_SPARK_OPERATOR=false
 USERS=20000
 
 usage() {
-    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 while [ $# -gt 0 ]; do
     case "$1" in
         --openshift) OPENSHIFT=true ;;
+        --dry-run) DRY_RUN=true ;;
         --skip-data) SKIP_DATA=true ;;
+        --skip-spark-operator) SKIP_SPARK_OPERATOR=true ;;
         --users) USERS="${2:?--users needs a number}"; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "setup.sh: unknown option '$1'" >&2; usage >&2; exit 2 ;;
     esac
     shift
 done
+case "${USERS}" in
+    ''|*[!0-9]*) echo "setup.sh: --users needs a positive number, got '${USERS}'" >&2; exit 2 ;;
+esac
 
 log() { printf '\n==> %s\n' "$*"; }
 die() { printf 'setup.sh: %s\n' "$*" >&2; exit 1; }
 
 need() {
     local tool
+    [ "${DRY_RUN}" = false ] || return 0
     for tool in "$@"; do
         command -v "$tool" >/dev/null 2>&1 || die "'$tool' is required but not on PATH"
     done
+}
+
+# run <command...>: print the command (shell-quoted, after "+ "), then run it unless --dry-run.
+run() {
+    printf '+'
+    printf ' %q' "$@"
+    printf '\n'
+    [ "${DRY_RUN}" = true ] || "$@"
+}
+
+# apply_kustomization <local dir>: kubectl apply -k; a dry run also prints the rendered manifest.
+apply_kustomization() {
+    local dir="$1"
+    if [ "${DRY_RUN}" = true ]; then
+        command -v kubectl >/dev/null 2>&1 || die "--dry-run renders ${dir} with 'kubectl kustomize': kubectl is not on PATH"
+        printf -- '--- manifest %s\n' "${dir#"${REPO_ROOT}"/}"
+        kubectl kustomize "${dir}"
+        printf -- '--- end manifest\n'
+    fi
+    run kubectl apply -k "${dir}"
 }
 
 # wait_for <what> <kubectl wait args...>: a bounded wait with a message that says what failed.
 wait_for() {
     local what="$1"; shift
     echo "    waiting (up to ${WAIT_TIMEOUT}) for ${what}"
-    if ! kubectl wait --timeout="${WAIT_TIMEOUT}" "$@"; then
+    if ! run kubectl wait --timeout="${WAIT_TIMEOUT}" "$@"; then
         die "timed out waiting for ${what}; inspect with: kubectl get pods -A | grep -v Running"
     fi
 }
@@ -69,6 +106,8 @@ wait_for() {
 # fails at once on objects that are not there yet, e.g. a CRD a controller installs).
 wait_for_resource() {
     local what="$1"; shift
+    run kubectl get "$@" -o name
+    [ "${DRY_RUN}" = false ] || return 0
     local deadline=$((SECONDS + ${WAIT_TIMEOUT%s}))
     until kubectl get "$@" >/dev/null 2>&1; do
         [ "$SECONDS" -lt "$deadline" ] || die "timed out waiting for ${what} to appear"
@@ -76,99 +115,50 @@ wait_for_resource() {
     done
 }
 
-# ---------------------------------------------------------------- OpenShift AI path
-setup_openshift() {
-    need oc kubectl
-    log "Applying dspa/ (namespace, RBAC, settings, dev MinIO, DataSciencePipelinesApplication)"
-    kubectl apply -k "${REPO_ROOT}/dspa"
-    wait_for "the development MinIO" -n "${NAMESPACE}" --for=condition=Available deployment/minio
-    wait_for_resource "the pipeline server" -n "${NAMESPACE}" deployment/ds-pipeline-fraud-detection
-    wait_for "the pipeline server" -n "${NAMESPACE}" --for=condition=Available deployment/ds-pipeline-fraud-detection
-    if [ "${SKIP_DATA}" = false ]; then
-        upload_data "${NAMESPACE}" svc/minio
-    fi
-    cat <<EOF
-
-Done. Next steps (OpenShift AI):
-  1. Build and push the images:   ./build_images.sh --push <your-registry>
-  2. In the OpenShift AI dashboard: Data Science Pipelines > Import pipeline >
-     pipeline/fraud-detection-e2e.yaml, then create a run in project ${NAMESPACE}.
-  3. Call the predictor: see docs/cluster.md ("Call the endpoint").
-EOF
+# require_crd <crd> <what installs it>: an operator must be there before its objects are applied.
+require_crd() {
+    run kubectl get crd "$1" -o name
+    [ "${DRY_RUN}" = true ] || kubectl get crd "$1" >/dev/null 2>&1 \
+        || die "CRD $1 is missing: install $2 first"
 }
 
-# ---------------------------------------------------------------- kind path
-create_cluster() {
-    if kind get clusters 2>/dev/null | grep -qx "${KIND_CLUSTER}"; then
-        log "kind cluster '${KIND_CLUSTER}' exists: reusing it"
-    else
-        log "Creating kind cluster '${KIND_CLUSTER}' (${KIND_NODE_IMAGE})"
-        kind create cluster --name "${KIND_CLUSTER}" --image "${KIND_NODE_IMAGE}" --wait 180s
-    fi
-    kubectl config use-context "kind-${KIND_CLUSTER}" >/dev/null
-}
-
-install_kfp() {
-    log "Kubeflow Pipelines ${KFP_VERSION} (standalone, platform-agnostic)"
-    kubectl apply -k "github.com/kubeflow/pipelines/manifests/kustomize/cluster-scoped-resources?ref=${KFP_VERSION}"
-    wait_for "the KFP CRDs" --for=condition=established crd/applications.app.k8s.io
-    kubectl apply -k "github.com/kubeflow/pipelines/manifests/kustomize/env/platform-agnostic?ref=${KFP_VERSION}"
-    wait_for "the KFP API server" -n "${KFP_NAMESPACE}" --for=condition=Available deployment/ml-pipeline
-    wait_for "the KFP UI" -n "${KFP_NAMESPACE}" --for=condition=Available deployment/ml-pipeline-ui
-}
-
-install_cert_manager() {
-    log "cert-manager ${CERT_MANAGER_VERSION} (KServe's webhook certificates)"
-    kubectl apply -f "https://github.com/cert-manager/cert-manager/releases/download/${CERT_MANAGER_VERSION}/cert-manager.yaml"
-    wait_for "cert-manager" -n cert-manager --for=condition=Available deployment --all
-}
-
-install_kserve() {
-    log "KServe ${KSERVE_VERSION} in RawDeployment mode (no Knative, no Istio)"
-    helm upgrade --install kserve-crd oci://ghcr.io/kserve/charts/kserve-crd \
-        --version "${KSERVE_VERSION}" --namespace kserve --create-namespace --wait --timeout "${WAIT_TIMEOUT}"
-    helm upgrade --install kserve oci://ghcr.io/kserve/charts/kserve \
-        --version "${KSERVE_VERSION}" --namespace kserve --create-namespace \
-        --set kserve.controller.deploymentMode=RawDeployment \
-        --wait --timeout "${WAIT_TIMEOUT}"
-    wait_for "the KServe controller" -n kserve --for=condition=Available deployment/kserve-controller-manager
-}
-
-install_model_registry() {
-    log "Kubeflow Model Registry ${MODEL_REGISTRY_VERSION}"
-    kubectl apply -k "github.com/kubeflow/model-registry/manifests/kustomize/overlays/db?ref=${MODEL_REGISTRY_VERSION}" \
-        -n "${KFP_NAMESPACE}"
-    wait_for "the model registry" -n "${KFP_NAMESPACE}" --for=condition=Available deployment/model-registry-deployment
-}
-
+# ---------------------------------------------------------------- shared steps
+# install_spark_operator [extra helm args...]: after the namespace exists (the chart creates its
+# job-namespace Role and RoleBinding there, and the controller watches only that namespace).
 install_spark_operator() {
+    if [ "${SKIP_SPARK_OPERATOR}" = true ]; then
+        log "Spark Operator: skipped (--skip-spark-operator); it must watch namespace ${NAMESPACE}"
+        return 0
+    fi
     log "Spark Operator chart ${SPARK_OPERATOR_CHART_VERSION}, watching namespace ${NAMESPACE}"
-    helm repo add spark-operator https://kubeflow.github.io/spark-operator --force-update >/dev/null
+    run helm repo add spark-operator https://kubeflow.github.io/spark-operator --force-update
     # The project brings its own Spark service account and Role (manifests/base), so the chart
     # creates none in the job namespace.
-    helm upgrade --install spark-operator spark-operator/spark-operator \
+    run helm upgrade --install spark-operator spark-operator/spark-operator \
         --version "${SPARK_OPERATOR_CHART_VERSION}" \
-        --namespace spark-operator --create-namespace \
+        --namespace "${SPARK_OPERATOR_NAMESPACE}" --create-namespace \
         --set "spark.jobNamespaces={${NAMESPACE}}" \
         --set spark.serviceAccount.create=false \
         --set spark.rbac.create=false \
+        "$@" \
         --wait --timeout "${WAIT_TIMEOUT}"
-}
-
-apply_manifests() {
-    log "Project manifests (namespace, service accounts, RBAC, settings, secrets)"
-    kubectl apply -k "${REPO_ROOT}/manifests"
-    wait_for_resource "namespace ${NAMESPACE}" namespace "${NAMESPACE}"
+    wait_for "the Spark Operator" -n "${SPARK_OPERATOR_NAMESPACE}" --for=condition=Available deployment --all
 }
 
 # upload_data <namespace> <service>: generate the raw CSVs with the project's own Python and
-# write them to the cluster's object store through a port-forward (no `mc` needed).
+# write them to the project's object store through a port-forward (no `mc` needed).
 upload_data() {
     local ns="$1" svc="$2" key secret pf_pid
     need uv
+    log "Generating ${USERS} users of data and uploading to s3://${BUCKET}/data/raw via ${ns}/${svc}"
+    if [ "${DRY_RUN}" = true ]; then
+        run kubectl get secret fraud-detection-s3 -n "${NAMESPACE}" -o 'jsonpath={.data}'
+        run kubectl port-forward -n "${ns}" "${svc}" "${MINIO_LOCAL_PORT}:9000"
+        run uv run fraud-detection generate --users "${USERS}" --out "s3://${BUCKET}/data/raw" --no-progress
+        return 0
+    fi
     key="$(kubectl get secret fraud-detection-s3 -n "${NAMESPACE}" -o jsonpath='{.data.AWS_ACCESS_KEY_ID}' | base64 -d)"
     secret="$(kubectl get secret fraud-detection-s3 -n "${NAMESPACE}" -o jsonpath='{.data.AWS_SECRET_ACCESS_KEY}' | base64 -d)"
-    log "Generating ${USERS} users of data and uploading to s3://${BUCKET}/data/raw via ${ns}/${svc}"
     kubectl port-forward -n "${ns}" "${svc}" "${MINIO_LOCAL_PORT}:9000" >/dev/null 2>&1 &
     pf_pid=$!
     # shellcheck disable=SC2064  # expand pf_pid now: the trap must stop this port-forward
@@ -189,6 +179,91 @@ upload_data() {
     trap - EXIT
 }
 
+# ---------------------------------------------------------------- OpenShift AI path
+setup_openshift() {
+    need oc kubectl helm
+    log "Checking the OpenShift AI operators this project's objects need"
+    require_crd datasciencepipelinesapplications.datasciencepipelinesapplications.opendatahub.io \
+        "OpenShift AI with Data Science Pipelines enabled"
+    require_crd inferenceservices.serving.kserve.io "OpenShift AI with KServe (single-model serving) enabled"
+    log "Applying dspa/ (namespace, RBAC, settings, dev MinIO, DataSciencePipelinesApplication)"
+    apply_kustomization "${REPO_ROOT}/dspa"
+    wait_for "the development MinIO" -n "${NAMESPACE}" --for=condition=Available deployment/minio
+    wait_for_resource "the pipeline server" -n "${NAMESPACE}" deployment/ds-pipeline-fraud-detection
+    wait_for "the pipeline server" -n "${NAMESPACE}" --for=condition=Available deployment/ds-pipeline-fraud-detection
+    # restricted-v2 SCC assigns UIDs and fsGroups from the project's range: drop the chart's fixed fsGroup 185.
+    install_spark_operator \
+        --set controller.podSecurityContext.fsGroup=null \
+        --set webhook.podSecurityContext.fsGroup=null
+    if [ "${SKIP_DATA}" = false ]; then
+        upload_data "${NAMESPACE}" svc/minio
+    fi
+    cat <<EOF
+
+Done. Next steps (OpenShift AI):
+  1. Build and push the images:   ./build_images.sh --push <your-registry>
+  2. In the OpenShift AI dashboard: Data Science Pipelines > Import pipeline >
+     pipeline/fraud-detection-e2e.yaml, then create a run in project ${NAMESPACE}.
+  3. Call the predictor: see docs/cluster.md ("Call the endpoint").
+EOF
+}
+
+# ---------------------------------------------------------------- kind path
+create_cluster() {
+    if [ "${DRY_RUN}" = false ] && kind get clusters 2>/dev/null | grep -qx "${KIND_CLUSTER}"; then
+        log "kind cluster '${KIND_CLUSTER}' exists: reusing it"
+    else
+        log "Creating kind cluster '${KIND_CLUSTER}' (${KIND_NODE_IMAGE}) unless it exists"
+        run kind create cluster --name "${KIND_CLUSTER}" --image "${KIND_NODE_IMAGE}" --wait 180s
+    fi
+    run kubectl config use-context "kind-${KIND_CLUSTER}"
+}
+
+install_kfp() {
+    log "Kubeflow Pipelines ${KFP_VERSION} (standalone, platform-agnostic; its own store is SeaweedFS)"
+    run kubectl apply -k "github.com/kubeflow/pipelines/manifests/kustomize/cluster-scoped-resources?ref=${KFP_VERSION}"
+    wait_for "the KFP CRDs" --for=condition=established crd/applications.app.k8s.io
+    run kubectl apply -k "github.com/kubeflow/pipelines/manifests/kustomize/env/platform-agnostic?ref=${KFP_VERSION}"
+    wait_for "the KFP API server" -n "${KFP_NAMESPACE}" --for=condition=Available deployment/ml-pipeline
+    wait_for "the KFP UI" -n "${KFP_NAMESPACE}" --for=condition=Available deployment/ml-pipeline-ui
+}
+
+install_cert_manager() {
+    log "cert-manager ${CERT_MANAGER_VERSION} (KServe's webhook certificates)"
+    run kubectl apply -f "https://github.com/cert-manager/cert-manager/releases/download/${CERT_MANAGER_VERSION}/cert-manager.yaml"
+    wait_for "cert-manager" -n cert-manager --for=condition=Available deployment --all
+}
+
+install_kserve() {
+    # Since v0.17 the CRDs and the controller are separate charts (kserve-crd, kserve-resources).
+    log "KServe ${KSERVE_VERSION} in Standard mode (plain Deployment + Service: no Knative, no Istio)"
+    run helm upgrade --install kserve-crd oci://ghcr.io/kserve/charts/kserve-crd \
+        --version "${KSERVE_VERSION}" --namespace kserve --create-namespace --wait --timeout "${WAIT_TIMEOUT}"
+    # The chart's default mode is Knative. No ingress controller on kind: the predictor is reached
+    # through its cluster Service (port-forward), so KServe creates no Ingress.
+    run helm upgrade --install kserve-resources oci://ghcr.io/kserve/charts/kserve-resources \
+        --version "${KSERVE_VERSION}" --namespace kserve --create-namespace \
+        --set kserve.version="${KSERVE_VERSION}" \
+        --set kserve.controller.deploymentMode=Standard \
+        --set kserve.controller.gateway.disableIngressCreation=true \
+        --wait --timeout "${WAIT_TIMEOUT}"
+    wait_for "the KServe controller" -n kserve --for=condition=Available deployment/kserve-controller-manager
+}
+
+install_model_registry() {
+    log "Kubeflow Model Registry ${MODEL_REGISTRY_VERSION} (in ${KFP_NAMESPACE}, with its MySQL)"
+    run kubectl apply -n "${KFP_NAMESPACE}" \
+        -k "github.com/kubeflow/model-registry/manifests/kustomize/overlays/db?ref=${MODEL_REGISTRY_VERSION}"
+    wait_for "the model registry" -n "${KFP_NAMESPACE}" --for=condition=Available deployment/model-registry-deployment
+}
+
+apply_manifests() {
+    log "Project manifests (namespace, MinIO, service accounts, RBAC, settings, secrets)"
+    apply_kustomization "${REPO_ROOT}/manifests"
+    wait_for_resource "namespace ${NAMESPACE}" namespace "${NAMESPACE}"
+    wait_for "the project's MinIO" -n "${NAMESPACE}" --for=condition=Available deployment/minio
+}
+
 setup_kind() {
     need kind kubectl helm
     create_cluster
@@ -196,10 +271,10 @@ setup_kind() {
     install_cert_manager
     install_kserve
     install_model_registry
-    install_spark_operator
     apply_manifests
+    install_spark_operator
     if [ "${SKIP_DATA}" = false ]; then
-        upload_data "${KFP_NAMESPACE}" svc/minio-service
+        upload_data "${NAMESPACE}" svc/minio
     fi
     cat <<EOF
 
@@ -215,6 +290,9 @@ Done. Next steps (kind):
 EOF
 }
 
+if [ "${DRY_RUN}" = true ]; then
+    echo "# setup.sh --dry-run: every command and manifest in order; nothing is changed"
+fi
 if [ "${OPENSHIFT}" = true ]; then
     setup_openshift
 else
