@@ -14,7 +14,8 @@ Rerun semantics (documented choices):
   says nothing about this attempt. Finished applications are removed by the operator after
   ``timeToLiveSeconds``.
 * An InferenceService that exists is patched (JSON merge patch), so rerunning the pipeline rolls
-  the predictor to the new model version instead of failing with "already exists".
+  the predictor to the new model version instead of failing with "already exists"; the step
+  returns once the predictor Deployment has rolled out that version (``rollout_state``).
 """
 
 from __future__ import annotations
