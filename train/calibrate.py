@@ -127,7 +127,7 @@ def _isotonic_nodes(
 def fit_platt(logits: np.ndarray, labels: np.ndarray) -> Calibration:
     """Logistic regression of the label on the logit (no penalty worth the name)."""
     z = np.asarray(logits, dtype=np.float64).reshape(-1, 1)
-    regression = LogisticRegression(C=1e6, max_iter=1000).fit(z, np.asarray(labels))
+    regression = LogisticRegression(C=1e6, solver="newton-cholesky", max_iter=100).fit(z, np.asarray(labels))
     return Calibration("platt", slope=float(regression.coef_[0, 0]), intercept=float(regression.intercept_[0]))
 
 
