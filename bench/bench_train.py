@@ -85,7 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         "network": {k: metrics[k] for k in ("roc_auc", "pr_auc", "brier", "precision", "recall", "f1", "threshold")},
         "network_uncalibrated": metrics["uncalibrated"],
         "calibration": metrics["calibration"],
-        "reference": {k: metrics["reference"][k] for k in ("roc_auc", "pr_auc", "brier", "precision", "recall", "f1", "threshold", "iterations")},
+        "reference": {
+            k: metrics["reference"][k]
+            for k in ("roc_auc", "pr_auc", "brier", "precision", "recall", "f1", "threshold", "iterations")
+        },
         "reference_gap": metrics["reference_gap"],
         "meets_reference": metrics["meets_reference"],
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

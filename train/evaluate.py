@@ -216,13 +216,13 @@ def plot_reliability(path: Path, labels: np.ndarray, scores_by_model: Mapping[st
         2, 1, figsize=(6.4, 7.2), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
     )
     curve_axes.plot([0, 1], [0, 1], linestyle=":", color="grey", label="perfectly calibrated")
-    width = 1.0 / RELIABILITY_BINS
+    # Side-by-side bars per bin, one per model, in the same colour order as the curves.
+    bar_width = 1.0 / RELIABILITY_BINS / (len(scores_by_model) + 1)
     for offset, (name, scores) in enumerate(scores_by_model.items()):
         points = reliability_points(labels, scores)
         brier = brier_score_loss(labels, scores)
         curve_axes.plot(points["mean_score"], points["fraud_rate"], marker="o", label=f"{name} (Brier {brier:.4f})")
-        shift = width * (offset + 0.5) / (len(scores_by_model) + 1)
-        count_axes.bar(np.asarray(points["bin_lower"]) + shift, points["rows"], width=width / (len(scores_by_model) + 1))
+        count_axes.bar(np.asarray(points["bin_lower"]) + bar_width * (offset + 1), points["rows"], width=bar_width)
     curve_axes.set(title="Reliability diagram (test)", ylabel="observed fraud rate", xlim=(0, 1), ylim=(0, 1))
     curve_axes.legend(loc="upper left")
     curve_axes.grid(alpha=0.3)
