@@ -1,4 +1,4 @@
-"""Bench: training + evaluation (network and reference) + ONNX export at full scale.
+"""Bench: training + calibration + evaluation (network and reference) + ONNX export at full scale.
 
 Target: at most 180 s wall for 800k train / 100k valid / 100k test rows on a 2-core machine.
 
@@ -82,8 +82,13 @@ def main(argv: list[str] | None = None) -> int:
         "reference_seconds": round(metrics["timing"]["reference_seconds"], 2),
         "rows_per_second": round(rows / wall, 1),
         "epochs_run": metrics["training"]["epochs_run"],
-        "network": {k: metrics[k] for k in ("roc_auc", "pr_auc", "precision", "recall", "f1", "threshold")},
-        "reference": {k: metrics["reference"][k] for k in ("roc_auc", "pr_auc", "precision", "recall", "f1", "threshold", "iterations")},
+        "network": {k: metrics[k] for k in ("roc_auc", "pr_auc", "brier", "precision", "recall", "f1", "threshold")},
+        "network_uncalibrated": metrics["uncalibrated"],
+        "calibration": metrics["calibration"],
+        "reference": {
+            k: metrics["reference"][k]
+            for k in ("roc_auc", "pr_auc", "brier", "precision", "recall", "f1", "threshold", "iterations")
+        },
         "reference_gap": metrics["reference_gap"],
         "meets_reference": metrics["meets_reference"],
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -101,8 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"rows train/valid/test: {metrics['rows']['train']}/{metrics['rows']['valid']}/{metrics['rows']['test']}")
     print(f"train+eval wall: {wall:.1f} s (target {TARGET_SECONDS:.0f} s; network {result['network_train_seconds']} s, "
           f"reference {result['reference_seconds']} s, {result['epochs_run']} epochs)")
-    print(f"network   test ROC-AUC {metrics['roc_auc']:.4f}  PR-AUC {metrics['pr_auc']:.4f}")
+    before = metrics["uncalibrated"]
+    print(f"network   test ROC-AUC {metrics['roc_auc']:.4f}  PR-AUC {metrics['pr_auc']:.4f}  Brier {metrics['brier']:.5f}"
+          f"  threshold {metrics['threshold']:.4f}  ({metrics['calibration']['method']}-calibrated on valid)")
+    print(f"  before calibration: ROC-AUC {before['roc_auc']:.4f}  PR-AUC {before['pr_auc']:.4f}"
+          f"  Brier {before['brier']:.5f}  threshold {before['threshold']:.4f}")
     print(f"reference test ROC-AUC {metrics['reference']['roc_auc']:.4f}  PR-AUC {metrics['reference']['pr_auc']:.4f}"
+          f"  Brier {metrics['reference']['brier']:.5f}"
           f"  (gap {metrics['reference_gap']:+.4f}, target ≤ 0.005: {'met' if metrics['meets_reference'] else 'NOT met'})")
     print(f"peak RSS {result['peak_rss_mb']} MB; load {load_before[0]:.2f} → {load_after[0]:.2f} on {os.cpu_count()} cores")
     print(f"wrote {args.out}")

@@ -152,7 +152,7 @@ def train_model(
         outcome = run_training(Path(training_set.path), Path(tmp) / "out", Settings.from_env())
         shutil.copyfile(outcome.model_path, model.path)
         Path(evaluation.path).mkdir(parents=True, exist_ok=True)
-        for produced in (outcome.metrics_path, outcome.curves_path):
+        for produced in (outcome.metrics_path, outcome.curves_path, outcome.reliability_path):
             shutil.copy(produced, Path(evaluation.path) / Path(produced).name)
     for name, value in outcome.metrics.items():
         if isinstance(value, (int, float)):

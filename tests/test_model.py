@@ -1,4 +1,4 @@
-"""Training, ONNX export, evaluation, the quality gate and registration (tiny synthetic data)."""
+"""Training, calibration, ONNX export, evaluation, the quality gate and registration (tiny synthetic data)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,12 @@ import numpy as np
 import onnx
 import pandas as pd
 import pytest
+from scipy.special import expit
+from sklearn.metrics import brier_score_loss
 
 from fraud_common import schemas
 from fraud_common.registry import open_registry
+from train.calibrate import FITTERS, Calibration, choose_calibration, is_monotone
 from train.data import DatasetError, feature_matrix, split_arrays, validate_frame
 from train.evaluate import (
     choose_threshold,
@@ -23,7 +26,7 @@ from train.evaluate import (
 )
 from train.export import export_onnx, onnx_scores, read_metadata
 from train.gate import QualityGateError, check_gate
-from train.model import predict_scores
+from train.model import predict_logits, predict_scores
 from train.register import code_version, data_fingerprint, publish_model, register_model
 from train.synthetic import synthetic_training_frame
 from train.train import TrainConfig, run_training, train_model
@@ -53,6 +56,19 @@ def scores(trained, splits) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="session")
+def logits(trained, splits) -> dict[str, np.ndarray]:
+    return {name: predict_logits(trained.model, split.features) for name, split in splits.items()}
+
+
+@pytest.fixture(scope="session", params=["platt", "isotonic"])
+def calibrated_onnx(request, trained, splits, logits, tmp_path_factory) -> tuple[Calibration, Path]:
+    """Each calibration method fitted on the valid split and baked into an exported graph."""
+    calibration = FITTERS[request.param](logits["valid"], splits["valid"].labels)
+    path = tmp_path_factory.mktemp(f"onnx-{request.param}") / "model.onnx"
+    return calibration, export_onnx(trained.model, trained.feature_names, 0.3, path, calibration)
+
+
+@pytest.fixture(scope="session")
 def onnx_path(trained, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("onnx") / "model.onnx"
     return export_onnx(trained.model, trained.feature_names, 0.4321, path)
@@ -68,6 +84,47 @@ def test_onnx_equals_keras_on_whole_test_split(onnx_path, splits, scores) -> Non
     got = onnx_scores(onnx_path, splits["test"].features)
     assert got.shape == (len(splits["test"]), 1)
     np.testing.assert_allclose(got[:, 0], scores["test"], atol=1e-5, rtol=0)
+
+
+def test_calibrated_onnx_equals_offline_calibrated_scores(calibrated_onnx, trained, splits, logits) -> None:
+    calibration, path = calibrated_onnx
+    got = onnx_scores(path, splits["test"].features)
+    assert got.shape == (len(splits["test"]), 1)
+    np.testing.assert_allclose(got[:, 0], calibration.apply(logits["test"]), atol=1e-5, rtol=0)
+    # The map really is in the graph: the served score is not the network's raw sigmoid.
+    assert np.abs(got[:, 0] - predict_scores(trained.model, splits["test"].features)).max() > 0.05
+    graph = onnx.load(str(path)).graph
+    assert [i.name for i in graph.input] == ["features"] and [o.name for o in graph.output] == ["probability"]
+    assert json.loads(read_metadata(path)["calibration"])["method"] == calibration.method
+
+
+def test_calibration_lowers_the_brier_score_on_held_out_rows(splits, logits) -> None:
+    """Fitted on valid, judged on test: balanced class weights overstate fraud, calibration fixes it."""
+    valid, test = splits["valid"], splits["test"]
+    before = brier_score_loss(test.labels, expit(logits["test"]))
+    for fit in FITTERS.values():
+        assert brier_score_loss(test.labels, fit(logits["valid"], valid.labels).apply(logits["test"])) < before
+    chosen = choose_calibration(logits["valid"], valid.labels)
+    after = brier_score_loss(test.labels, chosen.apply(logits["test"]))
+    assert after < 0.8 * before
+    # Calibrated, the mean score is near the fraud rate; the raw sigmoid's is far above it.
+    assert abs(chosen.apply(logits["test"]).mean() - test.labels.mean()) < 0.02
+    assert expit(logits["test"]).mean() > test.labels.mean() + 0.05
+
+
+def test_calibration_map_is_monotone(calibrated_onnx, splits, logits) -> None:
+    calibration, path = calibrated_onnx
+    grid = np.linspace(-40.0, 40.0, 20_001)
+    assert is_monotone(calibration)
+    assert np.all(np.diff(calibration.apply(grid)) >= 0)
+    # The served graph keeps the network's order: sorted by logit, its scores never go down.
+    order = np.argsort(logits["test"], kind="stable")
+    served = onnx_scores(path, splits["test"].features[order])[:, 0]
+    assert np.all(np.diff(served) >= -1e-6)
+    assert not is_monotone(Calibration("platt", slope=-0.5))
+    # Logits that rank backwards: no decreasing map is chosen, whatever the fit would prefer.
+    reversed_map = choose_calibration(-logits["valid"], splits["valid"].labels)
+    assert is_monotone(reversed_map) and np.all(np.diff(reversed_map.apply(grid)) >= 0)
 
 
 def test_onnx_has_one_input_and_takes_raw_values(onnx_path, trained, frame) -> None:
@@ -223,7 +280,7 @@ def test_run_training_writes_model_metrics_and_curves(frame, tmp_path, settings)
     small.to_parquet(dataset)
     out = tmp_path / "out"
     outcome = run_training(dataset, out, settings, replace(FAST, max_epochs=2))
-    assert sorted(p.name for p in out.iterdir()) == ["curves.png", "metrics.json", "model.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == ["curves.png", "metrics.json", "model.onnx", "reliability.png"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".training-")]  # staging removed
     written = json.loads(outcome.metrics_path.read_text())
     for key in ("roc_auc", "pr_auc", "precision", "recall", "f1", "threshold", "confusion_matrix"):
@@ -233,4 +290,19 @@ def test_run_training_writes_model_metrics_and_curves(frame, tmp_path, settings)
     assert written["threshold"] == pytest.approx(outcome.threshold)
     assert float(read_metadata(outcome.model_path)["threshold"]) == pytest.approx(outcome.threshold)
     assert outcome.curves_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert outcome.reliability_path == out / written["reliability_diagram"]
+    assert outcome.reliability_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The Brier scores are top-level numbers, so the KFP step logs them as Metrics.
+    assert isinstance(outcome.metrics["brier"], float) and isinstance(outcome.metrics["brier_uncalibrated"], float)
+    assert written["brier"] < written["brier_uncalibrated"]
+    assert written["reference"]["brier"] > 0
+    assert written["calibration"]["method"] in ("platt", "isotonic")
+    assert sum(written["reliability"]["rows"]) == 1000
+    # What is served is what was reported: the ONNX scores give the test Brier score and ROC-AUC,
+    # and the threshold is the best-F1 cut of the served (calibrated) scores on valid.
+    parts = split_arrays(small)
+    served_test = onnx_scores(outcome.model_path, parts["test"].features)[:, 0]
+    assert brier_score_loss(parts["test"].labels, served_test) == pytest.approx(written["brier"], abs=1e-5)
+    served_valid = onnx_scores(outcome.model_path, parts["valid"].features)[:, 0]
+    assert choose_threshold(parts["valid"].labels, served_valid) == pytest.approx(outcome.threshold, abs=1e-4)
     assert outcome.data_fingerprint == data_fingerprint(pd.read_parquet(dataset))

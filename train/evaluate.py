@@ -3,6 +3,9 @@
 Threshold rule: the decision threshold is the score that maximises F1 on the **valid** split
 (precision and recall weigh equally; fraud is rare, so accuracy would be meaningless). The test
 split is used only to report metrics at that threshold, never to choose it.
+
+Calibration is judged by the Brier score (mean squared error of the probability, lower is better)
+and a reliability diagram: observed fraud rate against mean predicted probability per score bin.
 """
 
 from __future__ import annotations
@@ -14,7 +17,13 @@ from typing import Mapping
 
 import numpy as np
 from sklearn.ensemble import HistGradientBoostingClassifier
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+from sklearn.metrics import (
+    average_precision_score,
+    brier_score_loss,
+    precision_recall_curve,
+    roc_auc_score,
+    roc_curve,
+)
 
 from fraud_common.logs import get_logger
 from train.data import Split
@@ -24,6 +33,7 @@ log = get_logger(__name__)
 # The network may trail the reference by at most this much test ROC-AUC (development target).
 REFERENCE_TOLERANCE = 0.005
 CLASS_NAMES = ["legitimate", "fraud"]
+RELIABILITY_BINS = 10
 
 
 def choose_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -52,7 +62,7 @@ def confusion_counts(labels: np.ndarray, scores: np.ndarray, threshold: float) -
 
 
 def classification_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
-    """ROC-AUC, PR-AUC (average precision) and precision/recall/F1 at ``threshold``."""
+    """ROC-AUC, PR-AUC (average precision), Brier score and precision/recall/F1 at ``threshold``."""
     counts = confusion_counts(labels, scores, threshold)
     tp, fp, fn = counts["tp"], counts["fp"], counts["fn"]
     precision = tp / (tp + fp) if tp + fp else 0.0
@@ -62,6 +72,7 @@ def classification_metrics(labels: np.ndarray, scores: np.ndarray, threshold: fl
     return {
         "roc_auc": float(roc_auc_score(labels, scores)) if both_classes else float("nan"),
         "pr_auc": float(average_precision_score(labels, scores)) if both_classes else float("nan"),
+        "brier": float(brier_score_loss(labels, scores)) if len(labels) else float("nan"),
         "precision": float(precision),
         "recall": float(recall),
         "f1": float(f1),
@@ -170,6 +181,53 @@ def plot_curves(path: Path, labels: np.ndarray, scores_by_model: Mapping[str, np
     for axes in (roc_axes, pr_axes):
         axes.legend(loc="lower right" if axes is roc_axes else "lower left")
         axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return Path(path)
+
+
+def reliability_points(
+    labels: np.ndarray, scores: np.ndarray, bins: int = RELIABILITY_BINS
+) -> dict[str, list[float]]:
+    """Per equal-width probability bin (empty bins left out): mean score, fraud rate, row count."""
+    labels, scores = np.asarray(labels, dtype=np.float64), np.clip(np.asarray(scores, dtype=np.float64), 0, 1)
+    index = np.minimum((scores * bins).astype(int), bins - 1)
+    counts = np.bincount(index, minlength=bins)
+    filled = counts > 0
+    mean_score = np.bincount(index, weights=scores, minlength=bins)[filled] / counts[filled]
+    fraud_rate = np.bincount(index, weights=labels, minlength=bins)[filled] / counts[filled]
+    return {
+        "bin_lower": (np.flatnonzero(filled) / bins).tolist(),
+        "mean_score": mean_score.tolist(),
+        "fraud_rate": fraud_rate.tolist(),
+        "rows": counts[filled].astype(int).tolist(),
+    }
+
+
+def plot_reliability(path: Path, labels: np.ndarray, scores_by_model: Mapping[str, np.ndarray]) -> Path:
+    """Reliability diagram of each model (top) over the rows per score bin (bottom, log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (curve_axes, count_axes) = plt.subplots(
+        2, 1, figsize=(6.4, 7.2), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
+    curve_axes.plot([0, 1], [0, 1], linestyle=":", color="grey", label="perfectly calibrated")
+    # Side-by-side bars per bin, one per model, in the same colour order as the curves.
+    bar_width = 1.0 / RELIABILITY_BINS / (len(scores_by_model) + 1)
+    for offset, (name, scores) in enumerate(scores_by_model.items()):
+        points = reliability_points(labels, scores)
+        brier = brier_score_loss(labels, scores)
+        curve_axes.plot(points["mean_score"], points["fraud_rate"], marker="o", label=f"{name} (Brier {brier:.4f})")
+        count_axes.bar(np.asarray(points["bin_lower"]) + bar_width * (offset + 1), points["rows"], width=bar_width)
+    curve_axes.set(title="Reliability diagram (test)", ylabel="observed fraud rate", xlim=(0, 1), ylim=(0, 1))
+    curve_axes.legend(loc="upper left")
+    curve_axes.grid(alpha=0.3)
+    count_axes.set(xlabel="predicted fraud probability (bin)", ylabel="rows", yscale="log")
+    count_axes.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -29,6 +29,8 @@ LOG_FEATURES: frozenset[str] = frozenset(
 
 INPUT_NAME = "features"
 OUTPUT_NAME = "probability"
+# The last dense layer's output, before the sigmoid: what calibration maps (train.calibrate).
+LOGIT_LAYER = "logit"
 
 
 def log_mask(feature_names: Sequence[str]) -> list[bool]:
@@ -91,20 +93,31 @@ def build_network(
     hidden_units: Sequence[int],
     dropout: float = 0.0,
 ) -> keras.Model:
-    """Raw features ``[batch, n]`` → preprocessing → dense ReLU layers → probability ``[batch, 1]``."""
+    """Raw features ``[batch, n]`` → preprocessing → dense ReLU layers → logit → sigmoid ``[batch, 1]``."""
     inputs = keras.Input(shape=(len(feature_names),), dtype="float32", name=INPUT_NAME)
     hidden = BakedPreprocessing(log_mask(feature_names), mean, std, name="preprocessing")(inputs)
     for index, units in enumerate(hidden_units):
         hidden = keras.layers.Dense(units, activation="relu", name=f"dense_{index}")(hidden)
         if dropout > 0:
             hidden = keras.layers.Dropout(dropout, name=f"dropout_{index}")(hidden)
-    outputs = keras.layers.Dense(1, activation="sigmoid", name=OUTPUT_NAME)(hidden)
+    logit = keras.layers.Dense(1, name=LOGIT_LAYER)(hidden)
+    outputs = keras.layers.Activation("sigmoid", name=OUTPUT_NAME)(logit)
     return keras.Model(inputs=inputs, outputs=outputs, name="fraud_detector")
 
 
+def logit_model(model: keras.Model) -> keras.Model:
+    """The same network without its final sigmoid: raw features → logit ``[batch, 1]``."""
+    return keras.Model(inputs=model.input, outputs=model.get_layer(LOGIT_LAYER).output, name="fraud_logit")
+
+
 def predict_scores(model: keras.Model, features: np.ndarray, batch_size: int = 16_384) -> np.ndarray:
-    """Fraud probabilities as a 1-D float64 array."""
+    """The model's single output (the raw, uncalibrated probability) as a 1-D float64 array."""
     if len(features) == 0:
         return np.zeros(0)
     scores = model.predict(np.asarray(features, dtype=np.float32), batch_size=batch_size, verbose=0)
     return np.asarray(scores, dtype=np.float64).reshape(-1)
+
+
+def predict_logits(model: keras.Model, features: np.ndarray, batch_size: int = 16_384) -> np.ndarray:
+    """The network's logits (float32 as the graph computes them, returned as 1-D float64)."""
+    return predict_scores(logit_model(model), features, batch_size)

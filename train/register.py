@@ -26,7 +26,7 @@ from train.gate import check_gate
 log = get_logger(__name__)
 
 # Test metrics copied into the registry record (the full metrics.json stays with the run).
-RECORDED_METRICS = ("roc_auc", "pr_auc", "precision", "recall", "f1", "valid_roc_auc")
+RECORDED_METRICS = ("roc_auc", "pr_auc", "brier", "precision", "recall", "f1", "valid_roc_auc")
 
 
 def version_name(run_id: str, now: datetime | None = None) -> str:

@@ -1,8 +1,11 @@
-"""Training step: fit the network, evaluate it against a reference, export ONNX.
+"""Training step: fit the network, calibrate it, evaluate it against a reference, export ONNX.
 
 Entry points: ``train_model`` (frame → Keras model), ``run_training`` (dataset file → model.onnx,
-metrics.json, curves.png in an output folder) and the CLI ``python -m train.train``.
+metrics.json, curves.png, reliability.png in an output folder) and the CLI ``python -m train.train``.
 Training never touches the registry; the separate register step does (``train.register``).
+
+Order on the splits: the network fits on train (early-stopped on valid); the calibration map and
+then the decision threshold (on calibrated scores) are chosen on valid; test only reports.
 """
 
 from __future__ import annotations
@@ -168,6 +171,7 @@ class TrainingOutcome:
     model_path: Path
     metrics_path: Path
     curves_path: Path
+    reliability_path: Path
     metrics: dict[str, Any]
     threshold: float
     feature_names: list[str]
@@ -192,13 +196,17 @@ def _json_ready(value: Any) -> Any:
 def run_training(
     dataset_path: Path, out_dir: Path, settings: Settings, config: TrainConfig | None = None
 ) -> TrainingOutcome:
-    """Train, evaluate (network and reference), and write model.onnx, metrics.json, curves.png.
+    """Train, calibrate, evaluate (network and reference); write model.onnx, metrics.json and plots.
 
     The files are written to a temporary folder beside ``out_dir`` and moved in at the end.
     The registry is not touched: registration is the separate register step.
     """
+    from scipy.special import expit
+
     from train import evaluate
+    from train.calibrate import choose_calibration
     from train.export import export_onnx
+    from train.model import predict_logits
     from train.register import data_fingerprint
 
     config = config or TrainConfig()
@@ -214,10 +222,14 @@ def run_training(
     del frame  # the arrays are all we need from here on
 
     trained = fit_arrays(splits["train"], splits["valid"], config)
-    from train.model import predict_scores
-
-    valid_scores = predict_scores(trained.model, splits["valid"].features)
-    test_scores = predict_scores(trained.model, splits["test"].features)
+    valid_logits = predict_logits(trained.model, splits["valid"].features)
+    test_logits = predict_logits(trained.model, splits["test"].features)
+    # Before calibration: the network's own sigmoid, threshold chosen on valid as always.
+    uncalibrated = evaluate.score_on_splits(
+        splits["valid"].labels, expit(valid_logits), splits["test"].labels, expit(test_logits)
+    )
+    calibration = choose_calibration(valid_logits, splits["valid"].labels, config.seed)
+    valid_scores, test_scores = calibration.apply(valid_logits), calibration.apply(test_logits)
     network = evaluate.score_on_splits(
         splits["valid"].labels, valid_scores, splits["test"].labels, test_scores
     )
@@ -231,6 +243,14 @@ def run_training(
         **network,
         "reference": reference,
         **evaluate.compare_to_reference(network, reference),
+        # Top-level numbers are logged as KFP Metrics: the Brier score before calibration beside it.
+        "brier_uncalibrated": uncalibrated["brier"],
+        "calibration": calibration.to_dict(),
+        "uncalibrated": {
+            k: uncalibrated[k] for k in ("roc_auc", "pr_auc", "brier", "f1", "threshold", "valid_roc_auc")
+        },
+        "reliability": evaluate.reliability_points(splits["test"].labels, test_scores),
+        "reliability_diagram": "reliability.png",
         "quality_bar": settings.min_roc_auc,
         "passes_quality_bar": bool(network["roc_auc"] >= settings.min_roc_auc),
         "training": {
@@ -250,20 +270,34 @@ def run_training(
         "test ROC-AUC network %.4f, reference %.4f; PR-AUC network %.4f, reference %.4f; threshold %.4f",
         network["roc_auc"], reference["roc_auc"], network["pr_auc"], reference["pr_auc"], threshold,
     )
+    log.info(
+        "test Brier network %.5f (%.5f before %s calibration), reference %.5f",
+        network["brier"], uncalibrated["brier"], calibration.method, reference["brier"],
+    )
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".training-", dir=out_dir.parent))
     try:
-        export_onnx(trained.model, trained.feature_names, threshold, staging / "model.onnx")
+        export_onnx(trained.model, trained.feature_names, threshold, staging / "model.onnx", calibration)
         evaluate.plot_curves(
             staging / "curves.png",
             splits["test"].labels,
             {"network": test_scores, "reference (gradient boosting)": reference_run.test_scores},
         )
+        evaluate.plot_reliability(
+            staging / "reliability.png",
+            splits["test"].labels,
+            {
+                f"network, {calibration.method}-calibrated": test_scores,
+                "network, uncalibrated": expit(test_logits),
+                "reference (gradient boosting)": reference_run.test_scores,
+            },
+        )
         metrics["timing"]["total_seconds"] = time.perf_counter() - started
         (staging / "metrics.json").write_text(json.dumps(_json_ready(metrics), indent=2, sort_keys=True))
-        for name in ("model.onnx", "curves.png", "metrics.json"):  # metrics last: marks completion
+        # metrics.json last: its presence marks a complete run.
+        for name in ("model.onnx", "curves.png", "reliability.png", "metrics.json"):
             (staging / name).replace(out_dir / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -273,6 +307,7 @@ def run_training(
         model_path=out_dir / "model.onnx",
         metrics_path=out_dir / "metrics.json",
         curves_path=out_dir / "curves.png",
+        reliability_path=out_dir / "reliability.png",
         metrics=metrics,
         threshold=threshold,
         feature_names=list(trained.feature_names),
@@ -287,7 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     """CLI: ``python -m train.train --dataset training.parquet --out runs/train``."""
     parser = argparse.ArgumentParser(description="Train the fraud model, evaluate it, export ONNX.")
     parser.add_argument("--dataset", type=Path, required=True, help="training frame (Parquet) from retrieval")
-    parser.add_argument("--out", type=Path, required=True, help="folder for model.onnx, metrics.json, curves.png")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="folder for model.onnx, metrics.json, curves.png, reliability.png"
+    )
     parser.add_argument("--max-epochs", type=int, default=TrainConfig.max_epochs)
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
     args = parser.parse_args(argv)
@@ -305,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         "metrics": str(outcome.metrics_path),
         "test_roc_auc": outcome.metrics["roc_auc"],
         "reference_test_roc_auc": outcome.metrics["reference"]["roc_auc"],
+        "test_brier": outcome.metrics["brier"],
+        "test_brier_uncalibrated": outcome.metrics["brier_uncalibrated"],
+        "calibration": outcome.metrics["calibration"]["method"],
         "threshold": outcome.threshold,
     }
     print(json.dumps(summary, indent=2))
