@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -18,13 +19,14 @@ import onnxruntime as ort
 import pandas as pd
 import pytest
 import requests
+from kserve.errors import InvalidInput
 
 from conftest import REPO_ROOT, free_port
 from fraud_common import schemas, storage
 from fraud_common.feature_store import FEATURE_SERVICE, store_config
 from fraud_common.registry import open_registry
 from fraud_common.settings import Settings
-from rest_predictor.errors import BadRequest, BatchTooLarge, PredictorLoadError
+from rest_predictor.errors import BatchTooLarge, PredictorLoadError
 from rest_predictor.fixtures import ServingState, build_serving_state
 from rest_predictor.payloads import parse_v1
 
@@ -40,12 +42,16 @@ def state(tmp_path_factory: pytest.TempPathFactory) -> ServingState:
     return build_serving_state(tmp_path_factory.mktemp("serving") / "home", N_USERS)
 
 
-@pytest.fixture(scope="session")
-def server(state: ServingState, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The predictor in a subprocess on a free loopback port; stopped with Ctrl-C (SIGINT) at the end."""
+@contextlib.contextmanager
+def running_predictor(state: ServingState, log_dir: Path, extra_env: dict[str, str] | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """The predictor (``python -m rest_predictor.predictor``) in a subprocess on a free loopback port.
+
+    Yields its base URL and process once ``/v2/health/ready`` answers 200; stops it with Ctrl-C
+    (SIGINT) at the end and fails if it does not stop within 60 s.
+    """
     port = free_port()
-    env = {**os.environ, **state.settings.to_env(), "FRAUD_SERVE_PORT": str(port), "FRAUD_MAX_BATCH_SIZE": str(MAX_BATCH)}
-    log_path = tmp_path_factory.mktemp("server-log") / "predictor.log"
+    env = {**os.environ, **state.settings.to_env(), "FRAUD_SERVE_PORT": str(port), **(extra_env or {})}
+    log_path = log_dir / "predictor.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "rest_predictor.predictor"], env=env, cwd=REPO_ROOT, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
@@ -59,13 +65,22 @@ def server(state: ServingState, tmp_path_factory: pytest.TempPathFactory) -> Ite
         except requests.RequestException:
             pass
         time.sleep(0.3)
-    yield url
-    proc.send_signal(signal.SIGINT)
     try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        pytest.fail("predictor did not stop within 60 s of SIGINT")
+        yield url, proc
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail("predictor did not stop within 60 s of SIGINT")
+
+
+@pytest.fixture(scope="session")
+def server(state: ServingState, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The predictor on a free loopback port, shared by this module's tests."""
+    with running_predictor(state, tmp_path_factory.mktemp("server-log"), {"FRAUD_MAX_BATCH_SIZE": str(MAX_BATCH)}) as (url, _):
+        yield url
 
 
 def offline_features(state: ServingState, user_ids: list[str]) -> np.ndarray:
@@ -267,7 +282,7 @@ def test_load_fetches_store_snapshot_from_s3(
     )
     predictor = FraudPredictor(settings)
     assert predictor.load() is True
-    body = predictor.predict({"user_id": "user_4"})
+    body = predictor.predict(predictor.preprocess({"user_id": "user_4"}))
     assert abs(body["prediction"][0][0] - offline["user_4"]) <= 1e-5
     assert (tmp_path / "fetched-feast" / "online_store.db").is_file()
 
@@ -277,7 +292,7 @@ def test_parse_v1_limits() -> None:
     assert parse_v1(b'{"user_ids": ["a", "b"]}', 2) == (["a", "b"], True)
     with pytest.raises(BatchTooLarge):
         parse_v1({"user_ids": ["a", "b", "c"]}, 2)
-    with pytest.raises(BadRequest, match="longer"):
+    with pytest.raises(InvalidInput, match="longer"):
         parse_v1({"user_id": "x" * 1000}, 2)
 
 
