@@ -19,6 +19,7 @@ import onnxruntime as ort
 import pandas as pd
 import pytest
 import requests
+from kserve import InferInput, InferRequest
 from kserve.errors import InvalidInput
 
 from conftest import REPO_ROOT, free_port
@@ -307,3 +308,80 @@ def test_load_refuses_missing_store_snapshot(state: ServingState, tmp_path: Path
         predictor.load()
     assert predictor.ready is False
     assert not (tmp_path / "feast" / "registry.db").exists()
+
+
+V2_ONE_USER = {"inputs": [{"name": "user_id", "datatype": "BYTES", "shape": [1], "data": ["user_1"]}]}
+
+
+@pytest.mark.parametrize(
+    ("path", "data", "headers", "says"),
+    [
+        # Lone UTF-16 surrogates, escaped as JSON allows: in the id, in a key, in the request id.
+        (V1, b'{"user_id": "\\ud800"}', {"content-type": "application/json"}, "surrogate"),
+        (V2, b'{"inputs": [{"name": "user_id", "datatype": "BYTES", "shape": [1], "data": ["\\ud800"]}]}',
+         {"content-type": "application/json"}, "surrogate"),
+        (V2, b'{"\\udfff": 1}', {"content-type": "application/json"}, "surrogate"),
+        (V2, b'{"id": "\\ud800", ' + json.dumps(V2_ONE_USER).encode()[1:], {"content-type": "application/json"}, "surrogate"),
+        # Not JSON at all by RFC 8259, though Python's parser takes them.
+        (V2, b'{"inputs": NaN}', {"content-type": "application/json"}, "NaN"),
+        (V2, b'{"inputs": [{"name": "user_id", "datatype": "BYTES", "shape": [Infinity], "data": ["a"]}]}',
+         {"content-type": "application/json"}, "NaN"),
+        # Invalid UTF-8, echoed by the framework's schema error.
+        (V2, b'{"inputs": "\xff"}', {"content-type": "application/json"}, "UTF-8"),
+        # The binary extension's length header: not a number, or pointing past the body.
+        (V2, b"xxxx", {"content-type": "application/octet-stream", "inference-header-content-length": "abc"}, "Length"),
+        (V2, b"{}", {"inference-header-content-length": "99"}, "Length"),
+        # A binary-form header without "inputs"; a structured CloudEvent that is not an object.
+        (V2, b"{}\x00", {"content-type": "application/octet-stream", "inference-header-content-length": "2"}, "decode"),
+        (V1, b"null", {"content-type": "application/cloudevents+json", "ce-specversion": "1.0", "ce-id": "1",
+                       "ce-source": "t", "ce-type": "t"}, "decode"),
+        # A request that does not fit the v2 schema: a 400 naming the field, not FastAPI's 422.
+        (V2, b'{"inputs": [{}]}', {"content-type": "application/json"}, "inputs.0.name"),
+    ],
+)
+def test_framework_level_bad_requests_are_400_not_5xx(server: str, path: str, data: bytes, headers: dict, says: str) -> None:
+    response = requests.post(server + path, data=data, headers=headers, timeout=10)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert says.lower() in error.lower() and "\n" not in error, error
+    assert post(server, {"user_id": "user_2"}).status_code == 200
+
+
+def test_surrogate_id_is_400_on_both_routes_in_process(state: ServingState) -> None:
+    from rest_predictor.predictor import FraudPredictor
+
+    predictor = FraudPredictor(state.settings)
+    predictor.load()
+    with pytest.raises(InvalidInput, match="surrogate"):
+        predictor.preprocess({"user_id": "user_\ud800"})
+    request = InferRequest("onnx-model", [InferInput("user_id", [1], "BYTES", ["\udfff"])])
+    with pytest.raises(InvalidInput, match="surrogate"):
+        predictor.preprocess(request)
+
+
+def test_provider_read_is_checked_against_this_feast_version() -> None:
+    from importlib.metadata import version
+
+    from rest_predictor.online_features import ProviderOnlineRead
+
+    assert version("feast") == ProviderOnlineRead.CHECKED_FEAST_VERSION, (
+        "Feast changed: check ProviderOnlineRead against its private provider API, rerun "
+        "bench/bench_serve.py, then update CHECKED_FEAST_VERSION"
+    )
+
+
+def test_provider_read_matches_public_read_for_random_users(state: ServingState) -> None:
+    from rest_predictor.online_features import OnlineFeatureReader, ProviderOnlineRead
+
+    public = OnlineFeatureReader.open(state.settings, schemas.MODEL_FEATURES, "public")
+    provider = OnlineFeatureReader.open(state.settings, schemas.MODEL_FEATURES, "provider")
+    assert type(public) is OnlineFeatureReader and isinstance(provider, ProviderOnlineRead)
+    rng = np.random.default_rng(11)
+    for _ in range(20):
+        users = [schemas.user_id(int(i)) for i in rng.integers(0, N_USERS + 5, size=int(rng.integers(1, 6)))]
+        rows_public, missing_public = public.read(users)
+        rows_provider, missing_provider = provider.read(users)
+        assert missing_public == missing_provider == [u for u in users if int(u.split("_")[1]) >= N_USERS]
+        assert np.array_equal(rows_public, rows_provider)
+        known = [i for i, u in enumerate(users) if u not in missing_public]
+        assert not known or np.abs(rows_public[known]).sum() > 0
