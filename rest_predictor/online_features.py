@@ -1,16 +1,21 @@
 """Read a user's model features from the Feast online store, one read per request.
 
-``OnlineFeatureReader`` is the default and uses Feast's public API: the feature service is
-resolved once at load, and each request makes one ``FeatureStore.get_online_features`` call.
-``ProviderOnlineRead`` is the same read through Feast's private provider API (``online_read`` on
-the feature view, entity keys built as Feast protos): less CPU per call, but an API Feast may
-change in any release, so it is opt-in (``--feature-read provider``), pinned by a test to the
-Feast version it was checked against, and measured against the public path by
-``bench/bench_serve.py``.
+Two readers return the same ``[n, 13]`` matrix (``tests/test_predictor.py`` checks they agree):
+
+* ``OnlineFeatureReader``, Feast's public API: the feature service is resolved once at load, each
+  request makes one ``FeatureStore.get_online_features`` call.
+* ``ProviderOnlineRead``, an adapter over Feast's private provider API (``online_read`` on the one
+  feature view): about a third of the public path's CPU per request (``bench/bench_serve.py``
+  records both, same run), but an API Feast may change in any release. It is checked against one
+  Feast version (``CHECKED_FEAST_VERSION``, pinned by a test).
+
+``feature_read="auto"`` (the default) takes the adapter when the installed Feast is the checked
+version and the public path otherwise; ``"public"`` and ``"provider"`` force one.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 from pathlib import Path
 from typing import Sequence
 
@@ -56,7 +61,7 @@ def fetch_snapshot(settings: Settings) -> None:
     log.info("fetched Feast store snapshot %s into %s", settings.feast_snapshot_uri, target_dir)
 
 
-FEATURE_READS = ("public", "provider")
+FEATURE_READS = ("auto", "public", "provider")
 
 
 class OnlineFeatureReader:
@@ -79,12 +84,10 @@ class OnlineFeatureReader:
         self.join_key = store.get_entity(ENTITY_NAME).join_key
 
     @classmethod
-    def open(cls, settings: Settings, feature_names: Sequence[str], feature_read: str = "public") -> "OnlineFeatureReader":
-        """The reader for ``feature_read`` (``public`` or ``provider``) over the store of ``store_config(settings)``,
-        after fetching any published snapshot."""
-        if feature_read not in FEATURE_READS:
-            raise PredictorLoadError(f"feature read {feature_read!r} is not one of {FEATURE_READS}")
-        reader_class = ProviderOnlineRead if feature_read == "provider" else OnlineFeatureReader
+    def open(cls, settings: Settings, feature_names: Sequence[str], feature_read: str = "auto") -> "OnlineFeatureReader":
+        """The reader for ``feature_read`` (see the module docstring) over the store of
+        ``store_config(settings)``, after fetching any published snapshot."""
+        reader_class = reader_for(feature_read)
         fetch_snapshot(settings)
         registry_file = Path(store_config(settings)["registry"])
         if not registry_file.is_file():
@@ -128,8 +131,9 @@ class ProviderOnlineRead(OnlineFeatureReader):
     """The same read through Feast's private provider API: ``store._get_provider().online_read``.
 
     ``get_online_features`` re-plans each call (feature resolution, response protos, ``to_dict``);
-    this adapter reads the one feature view directly. Checked against ``CHECKED_FEAST_VERSION``
-    only: ``tests/test_predictor.py`` fails on any other Feast version until it is checked again.
+    this adapter reads the one feature view directly, with entity keys built as Feast protos and
+    serialized by the store itself. Checked against ``CHECKED_FEAST_VERSION`` only:
+    ``tests/test_predictor.py`` fails on any other Feast version until it is checked again.
     """
 
     CHECKED_FEAST_VERSION = "0.67.0"
@@ -152,6 +156,24 @@ class ProviderOnlineRead(OnlineFeatureReader):
                 continue
             matrix[i] = [_proto_number(values, name, user_ids[i]) for name in self.feature_names]
         return matrix, missing
+
+
+def reader_for(feature_read: str) -> type[OnlineFeatureReader]:
+    """The reader class for ``auto``, ``public`` or ``provider``."""
+    if feature_read not in FEATURE_READS:
+        raise PredictorLoadError(f"feature read {feature_read!r} is not one of {FEATURE_READS}")
+    installed = importlib.metadata.version("feast")
+    checked = installed == ProviderOnlineRead.CHECKED_FEAST_VERSION
+    if feature_read == "public" or (feature_read == "auto" and not checked):
+        if feature_read == "auto":
+            log.warning(
+                "Feast %s is not the version the provider read was checked against (%s): using get_online_features",
+                installed, ProviderOnlineRead.CHECKED_FEAST_VERSION,
+            )
+        return OnlineFeatureReader
+    if not checked:
+        log.warning("provider read forced on Feast %s, checked only on %s", installed, ProviderOnlineRead.CHECKED_FEAST_VERSION)
+    return ProviderOnlineRead
 
 
 def _number(value: object, name: str, user_id: str) -> float:

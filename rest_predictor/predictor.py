@@ -34,7 +34,7 @@ store (the message lists them; a batch is answered whole or not at all); 413 for
 the limit; 500 (``InferenceError``) for a broken feature value. The server keeps serving after
 any of them (``tests/test_predictor_fuzz.py`` sends thousands of generated requests to check).
 
-Run: ``uv run python -m rest_predictor.predictor [--port 8081] [--model-version V] [--feature-read public|provider]``.
+Run: ``uv run python -m rest_predictor.predictor [--port 8081] [--model-version V] [--feature-read auto|public|provider]``.
 """
 
 from __future__ import annotations
@@ -91,13 +91,14 @@ class Scoring:
 class FraudPredictor(kserve.Model):
     """Scores users by id: ``preprocess`` reads their features from Feast, ``predict`` runs ONNX.
 
-    ``feature_read`` picks the online read: ``public`` (``get_online_features``) or ``provider``
-    (Feast's private provider API; see ``rest_predictor.online_features``).
+    ``feature_read`` picks the online read: ``auto`` (the provider adapter on the Feast version it
+    was checked against, else the public API), ``public`` or ``provider``; see
+    ``rest_predictor.online_features``.
     """
 
     def __init__(
         self, settings: Settings, registry: ModelRegistry | None = None, name: str = SERVED_NAME,
-        feature_read: str = "public",
+        feature_read: str = "auto",
     ) -> None:
         super().__init__(name)
         self.settings = settings
@@ -119,9 +120,9 @@ class FraudPredictor(kserve.Model):
         self.model, self.features = model, features
         self.ready = True
         log.info(
-            "serving model %s version %s (%s), threshold %.4f, features from %s (%s read)",
+            "serving model %s version %s (%s), threshold %.4f, features from %s (%s)",
             model.model_name, model.version, model.artifact_uri, model.threshold, self.settings.feast_dir,
-            self.feature_read,
+            type(features).__name__,
         )
         return self.ready
 
@@ -192,7 +193,7 @@ def serve(
     settings: Settings,
     registry: ModelRegistry | None = None,
     on_ready: Callable[[], None] | None = None,
-    feature_read: str = "public",
+    feature_read: str = "auto",
 ) -> None:
     """Load the predictor and serve it until Ctrl-C / SIGTERM; raises ``PredictorLoadError`` if not ready.
 
@@ -248,8 +249,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model-version", help="registered version to serve (default: newest that passed the gate)")
     parser.add_argument("--log-level", help="log level (default: FRAUD_LOG_LEVEL)")
     parser.add_argument(
-        "--feature-read", choices=FEATURE_READS, default="public",
-        help="online read: Feast's public get_online_features (default) or its private provider API",
+        "--feature-read", choices=FEATURE_READS, default="auto",
+        help="online read: auto (default: the provider adapter on the Feast version it was checked "
+        "against, else get_online_features), public or provider",
     )
     args = parser.parse_args(argv)
     settings = Settings.from_env()

@@ -385,3 +385,16 @@ def test_provider_read_matches_public_read_for_random_users(state: ServingState)
         assert np.array_equal(rows_public, rows_provider)
         known = [i for i, u in enumerate(users) if u not in missing_public]
         assert not known or np.abs(rows_public[known]).sum() > 0
+
+
+def test_auto_read_takes_the_adapter_only_on_the_checked_feast_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rest_predictor import online_features
+    from rest_predictor.online_features import OnlineFeatureReader, ProviderOnlineRead, reader_for
+
+    assert reader_for("auto") is ProviderOnlineRead
+    assert reader_for("public") is OnlineFeatureReader
+    monkeypatch.setattr(online_features.importlib.metadata, "version", lambda name: "0.99.0")
+    assert reader_for("auto") is OnlineFeatureReader
+    assert reader_for("provider") is ProviderOnlineRead
+    with pytest.raises(PredictorLoadError, match="fastest"):
+        reader_for("fastest")

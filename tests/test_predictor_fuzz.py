@@ -4,8 +4,8 @@ Hypothesis generates request bodies and headers for the v1 predict and v2 infer 
 near-valid requests (known and unknown users, wrong types, odd shapes) to hostile ones (lone
 UTF-16 surrogates, ``NaN``/``Infinity``, invalid UTF-8, truncated JSON, the binary tensor
 extension with a wrong ``Inference-Header-Content-Length``, CloudEvent headers). Every answer
-must be below 500, every 4xx must carry a one-line ``{"error": ...}``, and the server must still
-be alive and scoring afterwards. ``FRAUD_FUZZ_EXAMPLES`` sets the number of requests (default
+must be below 500, every 4xx must carry a one-line ``{"error": ...}``, the server must still be
+alive and scoring afterwards, and its log (at INFO) must hold no traceback. ``FRAUD_FUZZ_EXAMPLES`` sets the number of requests (default
 3000, derandomized so CI runs the same requests every time).
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
@@ -38,12 +39,13 @@ DATATYPES = ["BYTES", "FP32", "FP16", "INT64", "BOOL", "UINT8", "bytes", ""]
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Any]]:
+def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Any, Path]]:
     """A predictor of its own (a tiny store and model), so a crash here cannot hide behind another test."""
     state: ServingState = build_serving_state(tmp_path_factory.mktemp("fuzz") / "home", N_USERS)
-    env = {"FRAUD_MAX_BATCH_SIZE": str(MAX_BATCH), "FRAUD_LOG_LEVEL": "WARNING"}
-    with running_predictor(state, tmp_path_factory.mktemp("fuzz-log"), env) as (url, proc):
-        yield url, proc
+    env = {"FRAUD_MAX_BATCH_SIZE": str(MAX_BATCH), "FRAUD_LOG_LEVEL": "INFO"}
+    log_dir = tmp_path_factory.mktemp("fuzz-log")
+    with running_predictor(state, log_dir, env) as (url, proc):
+        yield url, proc, log_dir / "predictor.log"
 
 
 # ------------------------------------------------------------------ strategies
@@ -136,8 +138,8 @@ def requests_to_send(draw: st.DrawFn) -> tuple[str, bytes, dict[str, str | bytes
 
 # ------------------------------------------------------------------ the property
 @pytest.mark.slow
-def test_no_request_gets_a_5xx_and_the_server_survives(fuzz_server: tuple[str, Any]) -> None:
-    url, proc = fuzz_server
+def test_no_request_gets_a_5xx_and_the_server_survives(fuzz_server: tuple[str, Any, Path]) -> None:
+    url, proc, log_path = fuzz_server
     session = requests.Session()
     seen: dict[int, int] = {}
 
@@ -162,3 +164,5 @@ def test_no_request_gets_a_5xx_and_the_server_survives(fuzz_server: tuple[str, A
     assert requests.get(f"{url}/v2/health/ready", timeout=10).status_code == 200
     scored = requests.post(url + V1, json={"user_id": KNOWN_USERS[0]}, timeout=10)
     assert scored.status_code == 200 and scored.json()["user_id"] == KNOWN_USERS[0]
+    # A bad request is the client's mistake: no traceback in the server's log for any of them.
+    assert "Traceback" not in log_path.read_text(), log_path.read_text()[-3000:]
