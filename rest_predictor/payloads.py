@@ -1,7 +1,8 @@
 """Request parsing and response building for the v1 JSON and Open Inference Protocol v2 forms.
 
 See ``rest_predictor.predictor`` for the wire formats. Parsing is strict: anything that is not
-exactly one of the documented forms is a ``BadRequest`` naming what was wrong.
+exactly one of the documented forms raises kserve's ``InvalidInput`` (HTTP 400) naming what was
+wrong; a batch above the limit raises ``BatchTooLarge`` (HTTP 413).
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from typing import Any
 import numpy as np
 import orjson
 from kserve import InferOutput, InferRequest, InferResponse
+from kserve.errors import InvalidInput
 
-from rest_predictor.errors import BadRequest, BatchTooLarge
+from rest_predictor.errors import BatchTooLarge, one_line
 
 USER_ID = "user_id"
 USER_IDS = "user_ids"
@@ -21,36 +23,40 @@ MAX_USER_ID_LENGTH = 256
 
 
 def _checked_user_id(value: Any, where: str) -> str:
-    """``value`` if it is a usable user id, else a ``BadRequest`` naming ``where`` and the value."""
+    """``value`` if it is a usable user id, else an ``InvalidInput`` naming ``where`` and the value."""
     if isinstance(value, bytes):
         try:
             value = value.decode("utf-8")
         except UnicodeDecodeError:
-            raise BadRequest(f"{where} is not valid UTF-8") from None
+            raise InvalidInput(f"{where} is not valid UTF-8") from None
     if not isinstance(value, str):
-        raise BadRequest(f"{where} must be a string, got {type(value).__name__} {str(value)[:40]!r}")
+        raise InvalidInput(f"{where} must be a string, got {type(value).__name__} {str(value)[:40]!r}")
     if not value.strip():
-        raise BadRequest(f"{where} must be a non-empty string")
+        raise InvalidInput(f"{where} must be a non-empty string")
     if len(value) > MAX_USER_ID_LENGTH:
-        raise BadRequest(f"{where} is longer than {MAX_USER_ID_LENGTH} characters")
+        raise InvalidInput(f"{where} is longer than {MAX_USER_ID_LENGTH} characters")
+    try:
+        value.encode("utf-8")  # the online-store key is UTF-8: a lone surrogate has no encoding
+    except UnicodeEncodeError:
+        raise InvalidInput(f"{where} is not valid Unicode text (it holds a lone UTF-16 surrogate)") from None
     return value
 
 
 def _checked_batch(values: list[Any], where: str, max_batch_size: int) -> list[str]:
     """A non-empty, not too large list of user ids."""
     if not values:
-        raise BadRequest(f"{where} is empty; send at least one user id")
+        raise InvalidInput(f"{where} is empty; send at least one user id")
     if len(values) > max_batch_size:
         raise BatchTooLarge(f"{where} holds {len(values)} user ids; at most {max_batch_size} per request")
     return [_checked_user_id(v, f"{where}[{i}]") for i, v in enumerate(values)]
 
 
 def _decode_json(raw: bytes | str) -> Any:
-    """The JSON value in a raw body; ``BadRequest`` saying where the JSON is broken."""
+    """The JSON value in a raw body; ``InvalidInput`` saying where the JSON is broken."""
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as err:
-        raise BadRequest(f"request body is not valid JSON: {err}") from None
+        raise InvalidInput(f"request body is not valid JSON: {err}") from None
 
 
 def parse_v1(body: Any, max_batch_size: int) -> tuple[list[str], bool]:
@@ -62,22 +68,22 @@ def parse_v1(body: Any, max_batch_size: int) -> tuple[list[str], bool]:
     if isinstance(body, (bytes, str)):
         body = _decode_json(body)
     if not isinstance(body, dict):
-        raise BadRequest(
+        raise InvalidInput(
             f'request body must be a JSON object like {{"{USER_ID}": "user_0"}} or '
             f'{{"{USER_IDS}": ["user_0", "user_1"]}}, got {type(body).__name__}'
         )
     has_one, has_many = USER_ID in body, USER_IDS in body
     if has_one and has_many:
-        raise BadRequest(f'send either "{USER_ID}" or "{USER_IDS}", not both')
+        raise InvalidInput(f'send either "{USER_ID}" or "{USER_IDS}", not both')
     if has_one:
         return [_checked_user_id(body[USER_ID], f'"{USER_ID}"')], False
     if has_many:
         values = body[USER_IDS]
         if not isinstance(values, list):
-            raise BadRequest(f'"{USER_IDS}" must be a list of strings, got {type(values).__name__}')
+            raise InvalidInput(f'"{USER_IDS}" must be a list of strings, got {type(values).__name__}')
         return _checked_batch(values, f'"{USER_IDS}"', max_batch_size), True
-    keys = ", ".join(sorted(map(str, body))[:5]) or "none"
-    raise BadRequest(f'request body has no "{USER_ID}" (or "{USER_IDS}"); keys found: {keys}')
+    keys = ", ".join(repr(k) for k in sorted(map(str, body))[:5]) or "none"
+    raise InvalidInput(f'request body has no "{USER_ID}" (or "{USER_IDS}"); keys found: {keys}')
 
 
 def parse_v2(request: InferRequest, max_batch_size: int) -> list[str]:
@@ -85,14 +91,14 @@ def parse_v2(request: InferRequest, max_batch_size: int) -> list[str]:
     inputs = request.inputs or []
     if len(inputs) != 1 or inputs[0].name != V2_INPUT:
         found = [i.name for i in inputs]
-        raise BadRequest(f'v2 request must have exactly one input named "{V2_INPUT}", found {found}')
+        raise InvalidInput(f'v2 request must have exactly one input named "{V2_INPUT}", found {found}')
     tensor = inputs[0]
     if tensor.datatype != "BYTES":
-        raise BadRequest(f'v2 input "{V2_INPUT}" must have datatype BYTES, got {tensor.datatype}')
+        raise InvalidInput(f'v2 input "{V2_INPUT}" must have datatype BYTES, got {tensor.datatype!r}')
     try:
         values = tensor.as_numpy().ravel().tolist()
     except Exception as err:  # shape/data mismatch surfaces as numpy or kserve errors
-        raise BadRequest(f'v2 input "{V2_INPUT}" data does not match its shape {tensor.shape}: {err}') from None
+        raise InvalidInput(one_line(f'v2 input "{V2_INPUT}" data does not match its shape {tensor.shape}: {err}')) from None
     return _checked_batch(values, f'input "{V2_INPUT}"', max_batch_size)
 
 

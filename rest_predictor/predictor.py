@@ -25,13 +25,16 @@ Wire formats
 (BOOL ``[n]``), ``model_version`` set. kserve also serves ``/v2/health/ready``,
 ``/v2/models/onnx-model`` (metadata), ``/v1/models/onnx-model`` and ``/metrics``.
 
-Errors are HTTP errors with body ``{"error": "<what was wrong>"}``: 400 for malformed JSON, a
-missing, empty or non-string ``user_id``, ``user_ids`` not a non-empty list of strings, both keys
-at once; 404 when any requested user has no features in the online store (the message lists
-them; a batch is answered whole or not at all); 413 for a batch above the limit; 500 for a
-broken feature value. The server keeps serving after any of them.
+Errors are HTTP errors with body ``{"error": "<what was wrong>"}``, raised as ``kserve.errors``
+types: 400 (``InvalidInput``) for a body that is not strict JSON (``NaN``, lone surrogates,
+invalid UTF-8), a bad ``Inference-Header-Content-Length``, a request that does not fit the
+schema, a missing, empty or non-string ``user_id``, ``user_ids`` not a non-empty list of strings,
+both keys at once; 404 (``ModelNotFound``) when any requested user has no features in the online
+store (the message lists them; a batch is answered whole or not at all); 413 for a batch above
+the limit; 500 (``InferenceError``) for a broken feature value. The server keeps serving after
+any of them (``tests/test_predictor_fuzz.py`` sends thousands of generated requests to check).
 
-Run: ``uv run python -m rest_predictor.predictor [--port 8081] [--model-version V]``.
+Run: ``uv run python -m rest_predictor.predictor [--port 8081] [--model-version V] [--feature-read auto|public|provider]``.
 """
 
 from __future__ import annotations
@@ -43,33 +46,64 @@ import threading
 import time
 import urllib.request
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import kserve
 import numpy as np
+from fastapi.exceptions import RequestValidationError
 from kserve import InferRequest
+from starlette.exceptions import HTTPException
 
 from fraud_common.logs import get_logger, setup_logging
 from fraud_common.registry import ModelRegistry, open_registry
 from fraud_common.settings import Settings
 from rest_predictor import metrics
-from rest_predictor.errors import PredictorLoadError, RequestError, UnknownUser, request_error_handler
+from rest_predictor.errors import (
+    BatchTooLarge,
+    ClientErrorLogFilter,
+    PredictorLoadError,
+    UnknownUser,
+    batch_too_large_handler,
+    http_error_handler,
+    validation_error_handler,
+)
 from rest_predictor.model_artifact import LoadedModel, fetch_artifact, open_session, resolve_version
-from rest_predictor.online_features import OnlineFeatureReader
+from rest_predictor.online_features import FEATURE_READS, OnlineFeatureReader
 from rest_predictor.payloads import parse_v1, parse_v2, v1_response, v2_response
+from rest_predictor.request_guard import GuardedDataPlane, StrictJsonMiddleware
 
 log = get_logger(__name__)
 
 SERVED_NAME = metrics.MODEL_NAME
 
 
-class FraudPredictor(kserve.Model):
-    """Scores users by id: one Feast online read, one ONNX run per request."""
+@dataclass
+class Scoring:
+    """What ``preprocess`` hands to ``predict``: the users, their features and the request's form."""
 
-    def __init__(self, settings: Settings, registry: ModelRegistry | None = None, name: str = SERVED_NAME) -> None:
+    user_ids: list[str]
+    features: np.ndarray
+    batch: bool
+    v2_request: InferRequest | None = None
+
+
+class FraudPredictor(kserve.Model):
+    """Scores users by id: ``preprocess`` reads their features from Feast, ``predict`` runs ONNX.
+
+    ``feature_read`` picks the online read: ``auto`` (the provider adapter on the Feast version it
+    was checked against, else the public API), ``public`` or ``provider``; see
+    ``rest_predictor.online_features``.
+    """
+
+    def __init__(
+        self, settings: Settings, registry: ModelRegistry | None = None, name: str = SERVED_NAME,
+        feature_read: str = "auto",
+    ) -> None:
         super().__init__(name)
         self.settings = settings
         self.registry = registry  # None: open_registry(settings) at load time
+        self.feature_read = feature_read
         self.model: LoadedModel | None = None
         self.features: OnlineFeatureReader | None = None
 
@@ -80,51 +114,78 @@ class FraudPredictor(kserve.Model):
         version = resolve_version(registry, self.settings)
         artifact = fetch_artifact(version.artifact_uri, self.settings, self.settings.home / "serving-cache")
         model = open_session(artifact, version)
-        features = OnlineFeatureReader.open(self.settings, model.feature_names)
+        features = OnlineFeatureReader.open(self.settings, model.feature_names, self.feature_read)
         features.probe()
         model.score(np.zeros((1, len(model.feature_names)), dtype=np.float32))  # the session answers
         self.model, self.features = model, features
         self.ready = True
         log.info(
-            "serving model %s version %s (%s), threshold %.4f, features from %s",
+            "serving model %s version %s (%s), threshold %.4f, features from %s (%s)",
             model.model_name, model.version, model.artifact_uri, model.threshold, self.settings.feast_dir,
+            type(features).__name__,
         )
         return self.ready
 
-    def predict(self, payload: dict | InferRequest, headers: dict[str, str] | None = None) -> Any:
-        """Score the users named in a v1 body or a v2 ``InferRequest`` (synchronous: no thread hop)."""
-        model, features = self.model, self.features
-        assert model is not None and features is not None, "predict called before load"
+    def preprocess(self, payload: dict | bytes | InferRequest, headers: dict[str, str] | None = None) -> Scoring:
+        """Parse the v1 body or v2 ``InferRequest`` and read the users' features (one online read).
+
+        Synchronous on purpose: kserve then calls it on the event loop, with no thread hop.
+        Raises ``InvalidInput`` (400), ``BatchTooLarge`` (413) or ``UnknownUser`` (404).
+        """
+        features = self.features
+        assert features is not None, "preprocess called before load"
         limit = self.settings.max_batch_size
         if isinstance(payload, InferRequest):
-            user_ids, batch = parse_v2(payload, limit), True
+            user_ids, batch, v2_request = parse_v2(payload, limit), True, payload
         else:
-            user_ids, batch = parse_v1(payload, limit)
+            (user_ids, batch), v2_request = parse_v1(payload, limit), None
         rows, missing = features.read(user_ids)
         if missing:
             metrics.UNKNOWN_USERS.inc(len(missing))
             raise UnknownUser(missing)
-        scores = model.score(rows)
-        metrics.SCORED_USERS.inc(len(user_ids))
-        if isinstance(payload, InferRequest):
-            return v2_response(payload, scores, model.threshold, self.name, model.version)
-        return v1_response(user_ids, batch, scores, model.threshold, model.model_name, model.version)
+        return Scoring(user_ids, rows, batch, v2_request)
+
+    def validate(self, payload: Any) -> Any:
+        """``preprocess`` has checked the request; kserve's generic payload checks do not apply."""
+        return payload
+
+    def predict(self, payload: Scoring, headers: dict[str, str] | None = None) -> Any:
+        """Score the preprocessed users and answer in the request's form (v1 dict or v2 ``InferResponse``)."""
+        model = self.model
+        assert model is not None, "predict called before load"
+        scores = model.score(payload.features)
+        metrics.SCORED_USERS.inc(len(payload.user_ids))
+        if payload.v2_request is not None:
+            return v2_response(payload.v2_request, scores, model.threshold, self.name, model.version)
+        return v1_response(payload.user_ids, payload.batch, scores, model.threshold, model.model_name, model.version)
 
 
 def build_server(settings: Settings) -> kserve.ModelServer:
-    """A one-process ModelServer on ``settings.serve_port`` with our error handlers and metrics."""
+    """A one-process ModelServer on ``settings.serve_port`` with request guards, metrics and two handlers.
+
+    kserve serves one global FastAPI app and maps its own error types there; we add only what it
+    lacks: a 413, a 400 in place of FastAPI's 422 (which fails on ``NaN`` or surrogates), the
+    framework's 4xx in the same ``{"error": ...}`` form, a strict JSON check in front of the
+    inference routes, and a data plane whose decode failures are 400s.
+    """
     from kserve.model_server import app
 
     server = kserve.ModelServer(
         http_port=settings.serve_port, enable_grpc=False, workers=1, enable_latency_logging=False
     )
+    # The REST server is built from this attribute in start(): kserve's decode, with its failures as 400s.
+    server.dataplane = GuardedDataPlane(model_registry=server.registered_models)
     # kserve's routes still use a response class FastAPI now deprecates; nothing for us to change.
     warnings.filterwarnings("ignore", message="ORJSONResponse is deprecated")
     # Per-request log lines cost more than the prediction itself: keep them below INFO.
     for chatty in ("kserve.trace", "uvicorn.access"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
-    app.add_exception_handler(RequestError, request_error_handler)
-    app.add_middleware(metrics.RequestMetricsMiddleware)
+    logging.getLogger("kserve").addFilter(ClientErrorLogFilter())
+    app.add_exception_handler(BatchTooLarge, batch_too_large_handler)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(HTTPException, http_error_handler)
+    app.add_middleware(StrictJsonMiddleware)
+    app.add_middleware(metrics.RequestMetricsMiddleware)  # added last = outermost: counts the guard's 400s too
     return server
 
 
@@ -132,12 +193,13 @@ def serve(
     settings: Settings,
     registry: ModelRegistry | None = None,
     on_ready: Callable[[], None] | None = None,
+    feature_read: str = "auto",
 ) -> None:
     """Load the predictor and serve it until Ctrl-C / SIGTERM; raises ``PredictorLoadError`` if not ready.
 
     ``on_ready`` is called once the HTTP server answers its readiness route.
     """
-    predictor = FraudPredictor(settings, registry)
+    predictor = FraudPredictor(settings, registry, feature_read=feature_read)
     predictor.load()
     server = build_server(settings)
     use_uvloop()
@@ -186,6 +248,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, help="HTTP port (default: FRAUD_SERVE_PORT)")
     parser.add_argument("--model-version", help="registered version to serve (default: newest that passed the gate)")
     parser.add_argument("--log-level", help="log level (default: FRAUD_LOG_LEVEL)")
+    parser.add_argument(
+        "--feature-read", choices=FEATURE_READS, default="auto",
+        help="online read: auto (default: the provider adapter on the Feast version it was checked "
+        "against, else get_online_features), public or provider",
+    )
     args = parser.parse_args(argv)
     settings = Settings.from_env()
     overrides: dict[str, object] = {}
@@ -198,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = settings.with_overrides(**overrides)
     setup_logging(settings.log_level)
     try:
-        serve(settings)
+        serve(settings, feature_read=args.feature_read)
     except PredictorLoadError as err:
         log.error("predictor not ready: %s", err)
         return 1

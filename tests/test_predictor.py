@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -18,13 +19,15 @@ import onnxruntime as ort
 import pandas as pd
 import pytest
 import requests
+from kserve import InferInput, InferRequest
+from kserve.errors import InvalidInput
 
 from conftest import REPO_ROOT, free_port
 from fraud_common import schemas, storage
 from fraud_common.feature_store import FEATURE_SERVICE, store_config
 from fraud_common.registry import open_registry
 from fraud_common.settings import Settings
-from rest_predictor.errors import BadRequest, BatchTooLarge, PredictorLoadError
+from rest_predictor.errors import BatchTooLarge, PredictorLoadError
 from rest_predictor.fixtures import ServingState, build_serving_state
 from rest_predictor.payloads import parse_v1
 
@@ -40,12 +43,16 @@ def state(tmp_path_factory: pytest.TempPathFactory) -> ServingState:
     return build_serving_state(tmp_path_factory.mktemp("serving") / "home", N_USERS)
 
 
-@pytest.fixture(scope="session")
-def server(state: ServingState, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The predictor in a subprocess on a free loopback port; stopped with Ctrl-C (SIGINT) at the end."""
+@contextlib.contextmanager
+def running_predictor(state: ServingState, log_dir: Path, extra_env: dict[str, str] | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """The predictor (``python -m rest_predictor.predictor``) in a subprocess on a free loopback port.
+
+    Yields its base URL and process once ``/v2/health/ready`` answers 200; stops it with Ctrl-C
+    (SIGINT) at the end and fails if it does not stop within 60 s.
+    """
     port = free_port()
-    env = {**os.environ, **state.settings.to_env(), "FRAUD_SERVE_PORT": str(port), "FRAUD_MAX_BATCH_SIZE": str(MAX_BATCH)}
-    log_path = tmp_path_factory.mktemp("server-log") / "predictor.log"
+    env = {**os.environ, **state.settings.to_env(), "FRAUD_SERVE_PORT": str(port), **(extra_env or {})}
+    log_path = log_dir / "predictor.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "rest_predictor.predictor"], env=env, cwd=REPO_ROOT, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
@@ -59,13 +66,22 @@ def server(state: ServingState, tmp_path_factory: pytest.TempPathFactory) -> Ite
         except requests.RequestException:
             pass
         time.sleep(0.3)
-    yield url
-    proc.send_signal(signal.SIGINT)
     try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        pytest.fail("predictor did not stop within 60 s of SIGINT")
+        yield url, proc
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail("predictor did not stop within 60 s of SIGINT")
+
+
+@pytest.fixture(scope="session")
+def server(state: ServingState, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The predictor on a free loopback port, shared by this module's tests."""
+    with running_predictor(state, tmp_path_factory.mktemp("server-log"), {"FRAUD_MAX_BATCH_SIZE": str(MAX_BATCH)}) as (url, _):
+        yield url
 
 
 def offline_features(state: ServingState, user_ids: list[str]) -> np.ndarray:
@@ -267,7 +283,7 @@ def test_load_fetches_store_snapshot_from_s3(
     )
     predictor = FraudPredictor(settings)
     assert predictor.load() is True
-    body = predictor.predict({"user_id": "user_4"})
+    body = predictor.predict(predictor.preprocess({"user_id": "user_4"}))
     assert abs(body["prediction"][0][0] - offline["user_4"]) <= 1e-5
     assert (tmp_path / "fetched-feast" / "online_store.db").is_file()
 
@@ -277,7 +293,7 @@ def test_parse_v1_limits() -> None:
     assert parse_v1(b'{"user_ids": ["a", "b"]}', 2) == (["a", "b"], True)
     with pytest.raises(BatchTooLarge):
         parse_v1({"user_ids": ["a", "b", "c"]}, 2)
-    with pytest.raises(BadRequest, match="longer"):
+    with pytest.raises(InvalidInput, match="longer"):
         parse_v1({"user_id": "x" * 1000}, 2)
 
 
@@ -292,3 +308,93 @@ def test_load_refuses_missing_store_snapshot(state: ServingState, tmp_path: Path
         predictor.load()
     assert predictor.ready is False
     assert not (tmp_path / "feast" / "registry.db").exists()
+
+
+V2_ONE_USER = {"inputs": [{"name": "user_id", "datatype": "BYTES", "shape": [1], "data": ["user_1"]}]}
+
+
+@pytest.mark.parametrize(
+    ("path", "data", "headers", "says"),
+    [
+        # Lone UTF-16 surrogates, escaped as JSON allows: in the id, in a key, in the request id.
+        (V1, b'{"user_id": "\\ud800"}', {"content-type": "application/json"}, "surrogate"),
+        (V2, b'{"inputs": [{"name": "user_id", "datatype": "BYTES", "shape": [1], "data": ["\\ud800"]}]}',
+         {"content-type": "application/json"}, "surrogate"),
+        (V2, b'{"\\udfff": 1}', {"content-type": "application/json"}, "surrogate"),
+        (V2, b'{"id": "\\ud800", ' + json.dumps(V2_ONE_USER).encode()[1:], {"content-type": "application/json"}, "surrogate"),
+        # Not JSON at all by RFC 8259, though Python's parser takes them.
+        (V2, b'{"inputs": NaN}', {"content-type": "application/json"}, "NaN"),
+        (V2, b'{"inputs": [{"name": "user_id", "datatype": "BYTES", "shape": [Infinity], "data": ["a"]}]}',
+         {"content-type": "application/json"}, "NaN"),
+        # Invalid UTF-8, echoed by the framework's schema error.
+        (V2, b'{"inputs": "\xff"}', {"content-type": "application/json"}, "UTF-8"),
+        # The binary extension's length header: not a number, or pointing past the body.
+        (V2, b"xxxx", {"content-type": "application/octet-stream", "inference-header-content-length": "abc"}, "Length"),
+        (V2, b"{}", {"inference-header-content-length": "99"}, "Length"),
+        # A binary-form header without "inputs"; a structured CloudEvent that is not an object.
+        (V2, b"{}\x00", {"content-type": "application/octet-stream", "inference-header-content-length": "2"}, "decode"),
+        (V1, b"null", {"content-type": "application/cloudevents+json", "ce-specversion": "1.0", "ce-id": "1",
+                       "ce-source": "t", "ce-type": "t"}, "decode"),
+        # A request that does not fit the v2 schema: a 400 naming the field, not FastAPI's 422.
+        (V2, b'{"inputs": [{}]}', {"content-type": "application/json"}, "inputs.0.name"),
+    ],
+)
+def test_framework_level_bad_requests_are_400_not_5xx(server: str, path: str, data: bytes, headers: dict, says: str) -> None:
+    response = requests.post(server + path, data=data, headers=headers, timeout=10)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert says.lower() in error.lower() and "\n" not in error, error
+    assert post(server, {"user_id": "user_2"}).status_code == 200
+
+
+def test_surrogate_id_is_400_on_both_routes_in_process(state: ServingState) -> None:
+    from rest_predictor.predictor import FraudPredictor
+
+    predictor = FraudPredictor(state.settings)
+    predictor.load()
+    with pytest.raises(InvalidInput, match="surrogate"):
+        predictor.preprocess({"user_id": "user_\ud800"})
+    request = InferRequest("onnx-model", [InferInput("user_id", [1], "BYTES", ["\udfff"])])
+    with pytest.raises(InvalidInput, match="surrogate"):
+        predictor.preprocess(request)
+
+
+def test_provider_read_is_checked_against_this_feast_version() -> None:
+    from importlib.metadata import version
+
+    from rest_predictor.online_features import ProviderOnlineRead
+
+    assert version("feast") == ProviderOnlineRead.CHECKED_FEAST_VERSION, (
+        "Feast changed: check ProviderOnlineRead against its private provider API, rerun "
+        "bench/bench_serve.py, then update CHECKED_FEAST_VERSION"
+    )
+
+
+def test_provider_read_matches_public_read_for_random_users(state: ServingState) -> None:
+    from rest_predictor.online_features import OnlineFeatureReader, ProviderOnlineRead
+
+    public = OnlineFeatureReader.open(state.settings, schemas.MODEL_FEATURES, "public")
+    provider = OnlineFeatureReader.open(state.settings, schemas.MODEL_FEATURES, "provider")
+    assert type(public) is OnlineFeatureReader and isinstance(provider, ProviderOnlineRead)
+    rng = np.random.default_rng(11)
+    for _ in range(20):
+        users = [schemas.user_id(int(i)) for i in rng.integers(0, N_USERS + 5, size=int(rng.integers(1, 6)))]
+        rows_public, missing_public = public.read(users)
+        rows_provider, missing_provider = provider.read(users)
+        assert missing_public == missing_provider == [u for u in users if int(u.split("_")[1]) >= N_USERS]
+        assert np.array_equal(rows_public, rows_provider)
+        known = [i for i, u in enumerate(users) if u not in missing_public]
+        assert not known or np.abs(rows_public[known]).sum() > 0
+
+
+def test_auto_read_takes_the_adapter_only_on_the_checked_feast_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rest_predictor import online_features
+    from rest_predictor.online_features import OnlineFeatureReader, ProviderOnlineRead, reader_for
+
+    assert reader_for("auto") is ProviderOnlineRead
+    assert reader_for("public") is OnlineFeatureReader
+    monkeypatch.setattr(online_features.importlib.metadata, "version", lambda name: "0.99.0")
+    assert reader_for("auto") is OnlineFeatureReader
+    assert reader_for("provider") is ProviderOnlineRead
+    with pytest.raises(PredictorLoadError, match="fastest"):
+        reader_for("fastest")
