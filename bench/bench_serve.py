@@ -6,7 +6,7 @@
 
 Starts the predictor (``python -m rest_predictor.predictor``) in a subprocess on a free loopback
 port against ``--home`` (a FRAUD_HOME with a registered model and a materialized Feast store).
-Without ``--home`` it builds one with ``rest_predictor.fixtures`` (``--users`` users, cached in
+Without ``--home`` it builds one with ``tests/helpers.py`` (``--users`` generated users, cached in
 ``--cache``). Load comes from ``wrk`` (C, keep-alive, Lua for POST bodies over random known users)
 when installed, else from an asyncio/aiohttp client. Both are bounded: a request count at
 concurrency 1 for the Python client (wrk always runs for a duration: ``--c1-duration``), a
@@ -73,7 +73,8 @@ def prepare_home(args: argparse.Namespace) -> tuple[Path, int]:
     home = Path(args.cache) / f"serve-{args.users}"
     marker = home / ".complete"
     if not marker.exists():
-        from rest_predictor.fixtures import build_serving_state
+        sys.path.insert(0, str(REPO / "tests"))  # the shared test helper
+        from helpers import build_serving_state
 
         shutil.rmtree(home, ignore_errors=True)
         started = time.perf_counter()
