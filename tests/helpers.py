@@ -123,6 +123,19 @@ def training_frame(users: int = 20_000, seed: int = 1) -> pd.DataFrame:
     return label_features(users, seed)[list(TRAINING_COLUMNS)]
 
 
+def feature_rows(users: list[str], times: list[pd.Timestamp], seed: int) -> pd.DataFrame:
+    """Prepared rows (``schemas.PREPARED_COLUMNS``) for the given users at the given event times,
+    values from generated users of ``seed`` (another seed, other values)."""
+    n = len(users)
+    frame = label_features(max(n, 10), seed).head(n).copy()
+    frame[schemas.ENTITY_KEY] = users
+    frame[schemas.TRANSACTION_KEY] = [f"txn_{seed}_{i}" for i in range(n)]
+    frame[schemas.SET_COLUMN] = "train"
+    for name in (schemas.EVENT_TIMESTAMP, schemas.CREATED_TIMESTAMP):
+        frame[name] = pd.Series(times).astype("datetime64[us, UTC]").to_numpy()
+    return frame.reset_index(drop=True)
+
+
 def write_prepared(data_uri: Path, frame: pd.DataFrame) -> Path:
     """Write ``frame`` (``PREPARED_COLUMNS``) where preparation would: ``<data>/prepared/{features,entities}``."""
     prepared = Path(data_uri) / "prepared"
