@@ -547,10 +547,14 @@ def test_s3_round_trip_matches_local_output(prepared, s3_settings: Settings, tmp
     raw_uri = storage.join(s3_settings.data_uri, "raw")
     out_uri = s3_settings.prepared_uri
     storage.upload(good_raw, raw_uri, s3_settings)
+    # The label time comes from a generator manifest beside the CSVs on S3.
+    manifest = {"label_time": LABEL_TIME_TEXT, "users": sum(SPLIT_SIZES.values()), "seed": 0}
+    storage.write_bytes(storage.join(raw_uri, schemas.RAW_MANIFEST_FILE), json.dumps(manifest).encode(), s3_settings)
     # A previous output with a stale file: replaced as a whole.
     storage.write_bytes(storage.join(out_uri, schemas.FEATURES_DIR, "stale.parquet"), b"old", s3_settings)
 
-    report = prepare(raw_uri, out_uri, s3_settings, label_time=LABEL_TIME_TEXT, master="local[2]")
+    report = prepare(raw_uri, out_uri, s3_settings, master="local[2]")
+    assert schemas.RAW_MANIFEST_FILE in report.label_time_source
 
     assert report.features_uri == storage.join(out_uri, schemas.FEATURES_DIR)
     assert report.rows_per_split == SPLIT_SIZES
