@@ -16,41 +16,18 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 
-from fraud_common import schemas
 from fraud_common.settings import Settings
 
 RESULTS = Path(__file__).resolve().parent / "results" / "feast_feature_store.json"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the shared test helper
 
 
 def write_prepared(root: Path, rows: int, seed: int = 0) -> None:
-    """Prepared features and entities shaped like data preparation's output (one row per user)."""
-    rng = np.random.default_rng(seed)
-    label_time = pd.Timestamp(schemas.DEFAULT_LABEL_TIME)
-    frame = pd.DataFrame(
-        {
-            schemas.ENTITY_KEY: [schemas.user_id(i) for i in range(rows)],
-            schemas.TRANSACTION_KEY: [schemas.transaction_id(i) for i in range(rows)],
-            schemas.SET_COLUMN: rng.choice(schemas.SPLITS, rows),
-            schemas.LABEL: rng.random(rows) < 0.09,
-            schemas.EVENT_TIMESTAMP: pd.Series([label_time] * rows).astype("datetime64[us, UTC]"),
-            schemas.CREATED_TIMESTAMP: pd.Series([label_time] * rows).astype("datetime64[us, UTC]"),
-        }
-    )
-    for name in schemas.FLOAT_COLUMNS:
-        frame[name] = rng.exponential(5.0, rows)
-    for name in schemas.FLAG_COLUMNS:
-        frame[name] = rng.random(rows) < 0.5
-    frame["num_prev_transactions"] = rng.integers(0, 34, rows)
-    for name in schemas.HISTORY_FEATURES[1:]:
-        frame[name] = rng.random(rows) * 100.0
-    features, entities = root / "prepared" / schemas.FEATURES_DIR, root / "prepared" / schemas.ENTITIES_DIR
-    features.mkdir(parents=True)
-    entities.mkdir(parents=True)
-    frame[list(schemas.PREPARED_COLUMNS)].to_parquet(features / "part-00000.parquet", index=False)
-    frame[list(schemas.ENTITY_COLUMNS)].to_parquet(entities / "part-00000.parquet", index=False)
+    """Prepared features and entities as data preparation writes them, from ``rows`` generated users."""
+    from helpers import label_features, write_prepared as write_frames
+
+    write_frames(root, label_features(rows, seed))
 
 
 def run(rows: int, retrieve: bool) -> dict:

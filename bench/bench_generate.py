@@ -4,9 +4,10 @@
     uv run python bench/bench_generate.py --users 200000 --quality-users 0
 
 Target: 1,000,000 users (about 17.5 million history rows) in at most 60 s wall and 4 GB peak RSS
-on a 2-core machine. The quality check generates ``--quality-users`` users, computes point-in-time
-history aggregates in pandas from the CSVs, fits scikit-learn's HistGradientBoostingClassifier on
-train.csv (+ history) and reports test ROC-AUC with and without the history features.
+on a 2-core machine. The quality check takes ``--quality-users`` generated users with their
+point-in-time history aggregates (``tests/helpers.py``: the generator's rows, aggregated in
+pandas), fits scikit-learn's HistGradientBoostingClassifier on the train split and reports test
+ROC-AUC with and without the history features.
 Figures go to stdout and to bench/results/generate.json.
 """
 
@@ -27,6 +28,7 @@ from fraud_common import schemas
 from synthetic_data_generation.generate import generate
 
 RESULTS = Path(__file__).resolve().parent / "results" / "generate.json"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the shared test helper
 
 
 def peak_rss_mb() -> dict[str, float]:
@@ -65,48 +67,16 @@ def bench_generation(users: int, out_root: Path, seed: int) -> dict[str, object]
     }
 
 
-def history_aggregates(history_csv: Path, label_time: str) -> "pd.DataFrame":  # noqa: F821
-    """Point-in-time aggregates per user from rows strictly before the label time (pandas)."""
-    import pandas as pd
-
-    history = pd.read_csv(history_csv, usecols=["user_id", "date_of_transaction", "transaction_amount"])
-    history["when"] = pd.to_datetime(history["date_of_transaction"], utc=True)
-    cutoff = pd.Timestamp(label_time)
-    earlier = history[history["when"] < cutoff]
-    grouped = earlier.groupby("user_id")["transaction_amount"]
-    features = pd.DataFrame(
-        {
-            "num_prev_transactions": grouped.size(),
-            "avg_prev_transaction_amount": grouped.mean(),
-            "max_prev_transaction_amount": grouped.max(),
-            "stdv_prev_transaction_amount": grouped.std(),
-            "days_since_last_transaction": (cutoff - earlier.groupby("user_id")["when"].max()).dt.total_seconds() / 86400,
-            "days_since_first_transaction": (cutoff - earlier.groupby("user_id")["when"].min()).dt.total_seconds() / 86400,
-        }
-    )
-    return features.fillna(0.0)
-
-
-def quality_check(users: int, out_root: Path, seed: int) -> dict[str, object]:
+def quality_check(users: int, seed: int) -> dict[str, object]:
     """Test ROC-AUC of a gradient-boosted model with and without the history features."""
-    import pandas as pd
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.metrics import roc_auc_score
 
-    out_dir = out_root / "quality"
-    report = generate(out_dir, users=users, seed=seed, progress=False)
-    history = history_aggregates(report.paths[schemas.HISTORY_FILE], report.label_time)
-    frames = []
-    offset = 0
-    for split, file in schemas.SPLIT_FILES:
-        frame = pd.read_csv(out_dir / file)
-        frame[schemas.ENTITY_KEY] = [schemas.user_id(offset + i) for i in range(len(frame))]
-        frame["split"] = split
-        offset += len(frame)
-        frames.append(frame)
-    data = pd.concat(frames, ignore_index=True).join(history, on=schemas.ENTITY_KEY)
-    train = data[data["split"] == "train"]
-    test = data[data["split"] == "test"]
+    from helpers import label_features
+
+    data = label_features(users, seed)
+    train = data[data[schemas.SET_COLUMN] == "train"]
+    test = data[data[schemas.SET_COLUMN] == "test"]
     label_only = list(schemas.FLOAT_COLUMNS + schemas.FLAG_COLUMNS)
     with_history = list(schemas.MODEL_FEATURES)
     result: dict[str, object] = {"users": users, "test_rows": len(test), "test_fraud_rate": round(float(test[schemas.LABEL].mean()), 4)}
@@ -143,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         figures["loadavg_after_generation"] = os.getloadavg()
         shutil.rmtree(out_root / "raw", ignore_errors=True)
         if args.quality_users:
-            figures["quality"] = quality_check(args.quality_users, out_root, args.seed)
+            figures["quality"] = quality_check(args.quality_users, args.seed)
     finally:
         if args.out is None:
             shutil.rmtree(out_root, ignore_errors=True)

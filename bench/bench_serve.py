@@ -16,7 +16,7 @@ bench measures both, interleaved so that other work on the machine weighs on bot
   users) when installed, else from an asyncio/aiohttp client. Each phase also records the
   server's CPU seconds per request (its /proc counters).
 
-Without ``--home`` it builds a state with ``rest_predictor.fixtures`` (``--users`` users, cached in
+Without ``--home`` it builds a state with ``tests/helpers.py`` (``--users`` users, cached in
 ``--cache``). The load generator runs on the same 2 cores as the servers: figures are
 pessimistic, and only the ratio between the paths is meant to travel. Results go to stdout and
 bench/results/serve.json.
@@ -82,7 +82,8 @@ def prepare_home(args: argparse.Namespace) -> tuple[Path, int]:
     home = Path(args.cache) / f"serve-{args.users}"
     marker = home / ".complete"
     if not marker.exists():
-        from rest_predictor.fixtures import build_serving_state
+        sys.path.insert(0, str(REPO / "tests"))  # the shared test helper
+        from helpers import build_serving_state
 
         shutil.rmtree(home, ignore_errors=True)
         started = time.perf_counter()

@@ -3,7 +3,7 @@
 Target: at most 180 s wall for 800k train / 100k valid / 100k test rows on a 2-core machine.
 
     uv run python bench/bench_train.py --dataset training.parquet   # retrieval output
-    uv run python bench/bench_train.py                              # 1M synthetic rows
+    uv run python bench/bench_train.py                              # 1M generated users
 
 Writes bench/results/train.json.
 """
@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train.json"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the shared test helper
 TARGET_SECONDS = 180.0
 
 
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", type=Path, help="training frame (Parquet) in the retrieval output format")
     parser.add_argument("--data-uri", help="a data root with prepared/ features: the training set is built "
                         "from it by Feast's historical retrieval first (timed separately)")
-    parser.add_argument("--rows", type=int, default=1_000_000, help="synthetic rows when --dataset is absent")
+    parser.add_argument("--rows", type=int, default=1_000_000, help="generated users when --dataset is absent")
     parser.add_argument("--max-epochs", type=int, default=None, help="override TrainConfig.max_epochs")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -54,13 +55,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.dataset is not None:
             dataset, source = args.dataset, f"dataset {args.dataset}"
         else:
-            from train.synthetic import synthetic_training_frame
+            from helpers import training_frame
 
-            print(f"no --dataset given: building {args.rows:,} synthetic rows with the known rule "
-                  "(train.synthetic); figures are for synthetic data", flush=True)
+            print(f"no --dataset given: generating {args.rows:,} users with the product generator "
+                  "(point-in-time features by tests/helpers.py); figures are for synthetic data", flush=True)
             dataset = Path(scratch) / "synthetic.parquet"
-            synthetic_training_frame(args.rows, seed=0).to_parquet(dataset)
-            source = f"synthetic ({args.rows} rows, train.synthetic seed 0)"
+            training_frame(args.rows, seed=0).to_parquet(dataset)
+            source = f"generated ({args.rows} users, synthetic_data_generation seed 0)"
         config = TrainConfig() if args.max_epochs is None else TrainConfig(max_epochs=args.max_epochs)
         load_before = os.getloadavg()
         started = time.perf_counter()

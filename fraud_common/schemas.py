@@ -13,12 +13,17 @@ LABEL = "fraud"
 LABEL_COLUMNS: tuple[str, ...] = FLOAT_COLUMNS + FLAG_COLUMNS + (LABEL,)
 
 # Label files in the order their rows are numbered: row i overall belongs to user_{i}, txn_{i}.
+# Train, test, validate: the upstream Kubeflow fraud-detection blueprint numbers users in this
+# order, so its history files join to the same rows here.
 SPLIT_FILES: tuple[tuple[str, str], ...] = (
     ("train", "train.csv"),
-    ("valid", "validate.csv"),
     ("test", "test.csv"),
+    ("valid", "validate.csv"),
 )
 HISTORY_FILE = "raw_transaction_datasource.csv"
+# Written by our generator beside the CSVs: {"label_time": ISO 8601, "users": n, "seed": s}.
+# Optional: preparation infers a label time from the history without it.
+RAW_MANIFEST_FILE = "generation.json"
 HISTORY_COLUMNS: tuple[str, ...] = (
     "user_id",
     "created",
@@ -69,11 +74,11 @@ ENTITY_COLUMNS: tuple[str, ...] = (ENTITY_KEY, EVENT_TIMESTAMP, SET_COLUMN, LABE
 
 
 def user_id(index: int) -> str:
-    """The user owning label row ``index`` (counted over train, validate, test)."""
+    """The user owning label row ``index`` (counted over ``SPLIT_FILES``: train, test, validate)."""
     return f"user_{index}"
 
 
 def transaction_id(index: int) -> str:
     """The transaction of label row ``index``."""
     return f"txn_{index}"
-DEFAULT_LABEL_TIME = "2025-06-01T00:00:00+00:00"  # when every label row's transaction happens (UTC)
+DEFAULT_LABEL_TIME = "2025-06-01T00:00:00+00:00"  # the generator's default label time (UTC)

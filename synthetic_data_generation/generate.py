@@ -2,12 +2,15 @@
 
 Output (names from ``fraud_common.schemas``), written into one local folder:
 
-* ``train.csv``, ``validate.csv``, ``test.csv``: one label row per user, 80/10/10 of the users in
-  order, so label row *i* overall belongs to ``user_{i}``. Columns ``schemas.LABEL_COLUMNS``;
-  flags and the label are written as ``0.0``/``1.0`` like the public data set.
+* ``train.csv``, ``test.csv``, ``validate.csv``: one label row per user, 80/10/10 of the users in
+  that order (``schemas.SPLIT_FILES``, the upstream blueprint's order), so label row *i* overall
+  belongs to ``user_{i}``. Columns ``schemas.LABEL_COLUMNS``; flags and the label are written as
+  ``0.0``/``1.0`` like the public data set.
 * ``raw_transaction_datasource.csv``: ``schemas.HISTORY_COLUMNS``, 1 to 34 rows per user
   (uniform), grouped by user and in time order within a user. Timestamps are UTC, written as
   ISO 8601 ``YYYY-MM-DDTHH:MM:SS+00:00``; amounts lie in 10..1000 with two decimals.
+* ``generation.json`` (``schemas.RAW_MANIFEST_FILE``): the label time, users and seed, so that
+  preparation uses the label time the data was made for.
 
 Generative model (per user; all draws from ``SeedSequence([seed, chunk_index])``)
 --------------------------------------------------------------------------------
@@ -56,6 +59,7 @@ the parts in chunk order, so the bytes do not depend on the number of workers.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import shutil
@@ -135,7 +139,7 @@ class GenerationReport:
     seed: int
     label_time: str
     rows: dict[str, int] = field(default_factory=dict)  # file name -> data rows
-    paths: dict[str, Path] = field(default_factory=dict)  # file name -> final path
+    paths: dict[str, Path] = field(default_factory=dict)  # file name -> final path (manifest too)
     seconds: float = 0.0
     fraud_rate: float = 0.0
     post_label_rows: int = 0
@@ -480,11 +484,12 @@ def _write_chunk(seed: int, chunk_index: int, first_user: int, n_users: int, lab
 
 
 def split_bounds(users: int) -> list[tuple[str, int, int]]:
-    """(file name, first user, end user) of train, validate and test: 80/10/10 in order."""
-    train_end = int(round(users * SPLIT_FRACTIONS[0]))
-    valid_end = train_end + int(round(users * SPLIT_FRACTIONS[1]))
-    ends = (train_end, valid_end, users)
-    starts = (0, train_end, valid_end)
+    """(file name, first user, end user) of each label file in ``schemas.SPLIT_FILES`` order
+    (train, test, validate): 80/10/10."""
+    first_end = int(round(users * SPLIT_FRACTIONS[0]))
+    second_end = first_end + int(round(users * SPLIT_FRACTIONS[1]))
+    ends = (first_end, second_end, users)
+    starts = (0, first_end, second_end)
     return [(file, start, end) for (_, file), start, end in zip(schemas.SPLIT_FILES, starts, ends)]
 
 
@@ -583,8 +588,10 @@ def generate(
     log.info("generating %d users (seed %d, %d chunks, %d workers) into %s", users, seed, len(specs), workers, out_dir)
     try:
         _generate_into(work_dir, users, seed, label_epoch, specs, workers, progress, report)
+        manifest = {"label_time": label_time, "users": users, "seed": seed}
+        (work_dir / schemas.RAW_MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         out_dir.mkdir(parents=True, exist_ok=True)
-        for name in list(report.rows):
+        for name in [*report.rows, schemas.RAW_MANIFEST_FILE]:
             os.replace(work_dir / name, out_dir / name)
             report.paths[name] = out_dir / name
     finally:
@@ -666,6 +673,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     for name, rows in report.rows.items():
         print(f"{report.paths[name]}: {rows} rows")
+    print(f"{report.paths[schemas.RAW_MANIFEST_FILE]}: label time {report.label_time}")
     print(f"{report.users} users in {report.seconds:.1f} s, fraud rate {report.fraud_rate:.4f}")
     return 0
 

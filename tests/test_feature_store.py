@@ -14,33 +14,12 @@ from feature_engineering import feast_feature_engineering as fe
 from fraud_common import schemas, storage
 from fraud_common.feature_store import FEATURE_SERVICE, FEATURE_VIEW, feature_refs
 from fraud_common.settings import Settings
+from helpers import feature_rows
 
 LABEL_TIME = pd.Timestamp(schemas.DEFAULT_LABEL_TIME)
 BEFORE = pd.Timestamp("2025-05-01T00:00:00+00:00")  # t1 < label time
 AFTER = pd.Timestamp("2025-06-15T00:00:00+00:00")  # t2 > label time
 END = datetime(2026, 1, 1, tzinfo=timezone.utc)
-
-
-def feature_rows(users: list[str], times: list[pd.Timestamp], seed: int) -> pd.DataFrame:
-    """Prepared feature rows (schemas.PREPARED_COLUMNS) with random but distinct values."""
-    rng = np.random.default_rng(seed)
-    n = len(users)
-    frame = pd.DataFrame(
-        {
-            schemas.ENTITY_KEY: users,
-            schemas.TRANSACTION_KEY: [f"txn_{seed}_{i}" for i in range(n)],
-            schemas.SET_COLUMN: ["train"] * n,
-            schemas.LABEL: rng.random(n) < 0.5,
-            schemas.EVENT_TIMESTAMP: pd.Series(times).astype("datetime64[us, UTC]"),
-            schemas.CREATED_TIMESTAMP: pd.Series(times).astype("datetime64[us, UTC]"),
-        }
-    )
-    for name in schemas.FLOAT_COLUMNS + schemas.HISTORY_FEATURES[1:]:
-        frame[name] = rng.random(n) * 100.0
-    for name in schemas.FLAG_COLUMNS:
-        frame[name] = rng.random(n) < 0.5
-    frame["num_prev_transactions"] = rng.integers(0, 34, n)
-    return frame[list(schemas.PREPARED_COLUMNS)]
 
 
 def tiny_prepared() -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -15,6 +15,7 @@ from sklearn.metrics import brier_score_loss
 
 from fraud_common import schemas
 from fraud_common.registry import open_registry
+from helpers import training_frame
 from train.calibrate import FITTERS, Calibration, choose_calibration, is_monotone
 from train.data import DatasetError, feature_matrix, split_arrays, validate_frame
 from train.evaluate import (
@@ -28,7 +29,6 @@ from train.export import export_onnx, onnx_scores, read_metadata
 from train.gate import QualityGateError, check_gate
 from train.model import predict_logits, predict_scores
 from train.register import code_version, data_fingerprint, publish_model, register_model
-from train.synthetic import synthetic_training_frame
 from train.train import TrainConfig, run_training, train_model
 
 FAST = TrainConfig(hidden_units=(32, 16), max_epochs=4, batch_size=512, learning_rate=5e-3, patience=2)
@@ -36,7 +36,7 @@ FAST = TrainConfig(hidden_units=(32, 16), max_epochs=4, batch_size=512, learning
 
 @pytest.fixture(scope="session")
 def frame() -> pd.DataFrame:
-    return synthetic_training_frame(20_000, seed=1)
+    return training_frame(20_000, seed=1)
 
 
 @pytest.fixture(scope="session")

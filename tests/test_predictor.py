@@ -27,8 +27,8 @@ from fraud_common import schemas, storage
 from fraud_common.feature_store import FEATURE_SERVICE, store_config
 from fraud_common.registry import open_registry
 from fraud_common.settings import Settings
+from helpers import ServingState, build_serving_state
 from rest_predictor.errors import BatchTooLarge, PredictorLoadError
-from rest_predictor.fixtures import ServingState, build_serving_state
 from rest_predictor.payloads import parse_v1
 
 N_USERS = 40

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fraud_common import schemas
-from rest_predictor.fixtures import ServingState, build_serving_state
+from helpers import ServingState, build_serving_state
 from test_predictor import V1, V2, running_predictor
 
 N_USERS = 20
