@@ -34,10 +34,10 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as pads
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from fraud_common import schemas, storage
+from fraud_common.artifacts import IGNORED_PREFIXES, arrow_filesystem
 from fraud_common.feature_store import (
     FEATURE_SERVICE,
     FEATURE_VIEW,
@@ -58,8 +58,6 @@ EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 # Remembers which source content the online store holds (see _needs_full_run).
 STATE_FILE = "materialized_source.json"
 MISSING_POLICIES = ("error", "drop", "keep")
-# Dask's file offline store and pyarrow skip these (Spark's _SUCCESS, .crc files).
-IGNORED_PREFIXES = ("_", ".")
 
 
 class FeatureStoreError(RuntimeError):
@@ -139,28 +137,9 @@ def count_online_users(settings: Settings) -> int:
 # Reading prepared Parquet
 
 
-def _filesystem(uri: str, settings: Settings) -> tuple[pafs.FileSystem | None, str]:
-    """A pyarrow filesystem and path for a local path or s3:// URI (credentials from settings)."""
-    if not storage.is_s3(uri):
-        return None, uri
-    endpoint = settings.s3_endpoint
-    scheme = "https"
-    if endpoint and "://" in endpoint:
-        scheme, endpoint = endpoint.split("://", 1)
-    fs = pafs.S3FileSystem(
-        access_key=settings.s3_access_key or None,
-        secret_key=settings.s3_secret_key or None,
-        region=settings.s3_region or None,
-        endpoint_override=endpoint or None,
-        scheme=scheme,
-    )
-    bucket, key = storage.split_s3(uri)
-    return fs, f"{bucket}/{key}"
-
-
 def read_parquet(uri: str, settings: Settings, columns: Sequence[str]) -> pd.DataFrame:
     """Columns of a Parquet file or folder (local or s3://), with a clear error when any is missing."""
-    fs, path = _filesystem(uri, settings)
+    fs, path = arrow_filesystem(uri, settings)
     try:
         dataset = pads.dataset(path, format="parquet", filesystem=fs, ignore_prefixes=list(IGNORED_PREFIXES))
     except (FileNotFoundError, OSError) as err:
