@@ -1,4 +1,4 @@
-"""The Kubeflow pipeline: the committed YAML is current and wires every step, image and secret."""
+"""The Kubeflow pipeline: the committed YAML is current and wires every step, image, secret and artifact."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fraud_common.settings import CONFIG_MAP, env_names, CONFIG
 from pipeline import cli
 from pipeline.images import image
 
@@ -40,21 +41,55 @@ def test_every_step_runs_in_its_own_image(compiled: tuple[str, list[dict]]) -> N
     assert defaults["predictor_image"]["defaultValue"] == image("rest-predictor")
 
 
+# What each step writes and what it reads: (artifact, type) out, (input name <- producer step) in.
+OUTPUTS = {
+    "prepare-data": {"prepared": "system.Dataset"},
+    "feature-engineering": {"feature_store": "system.Artifact"},
+    "retrieve-features": {"training_set": "system.Dataset"},
+    "train-model": {
+        "model": "system.Model",
+        "metrics": "system.Metrics",
+        "classification_metrics": "system.ClassificationMetrics",
+        "evaluation": "system.Artifact",
+    },
+    "register-model": {"registered_model": "system.Artifact"},
+    "serve": {"endpoint": "system.Artifact"},
+}
+INPUTS = {
+    "prepare-data": {},
+    "feature-engineering": {"prepared": ("prepare-data", "prepared")},
+    "retrieve-features": {"prepared": ("prepare-data", "prepared"), "feature_store": ("feature-engineering", "feature_store")},
+    "train-model": {"training_set": ("retrieve-features", "training_set")},
+    "register-model": {"model": ("train-model", "model")},
+    "serve": {
+        "registered_model": ("register-model", "registered_model"),
+        "feature_store": ("feature-engineering", "feature_store"),
+    },
+}
+
+
 def test_tasks_pass_typed_artifacts(compiled: tuple[str, list[dict]]) -> None:
     components = compiled[1][0]["components"]
-    outputs = {
-        name.removeprefix("comp-"): set(comp.get("outputDefinitions", {}).get("artifacts", {}))
-        for name, comp in components.items()
-    }
-    assert outputs["prepare-data"] == {"prepared"}
-    assert outputs["retrieve-features"] == {"training_set"}
-    assert outputs["train-model"] == {"model", "metrics", "classification_metrics", "evaluation"}
-    types = components["comp-train-model"]["outputDefinitions"]["artifacts"]
-    assert types["model"]["artifactType"]["schemaTitle"] == "system.Model"
-    assert types["classification_metrics"]["artifactType"]["schemaTitle"] == "system.ClassificationMetrics"
+    for step, expected in OUTPUTS.items():
+        artifacts = components[f"comp-{step}"].get("outputDefinitions", {}).get("artifacts", {})
+        assert {name: a["artifactType"]["schemaTitle"] for name, a in artifacts.items()} == expected, step
     tasks = compiled[1][0]["root"]["dag"]["tasks"]
-    model_input = tasks["register-model"]["inputs"]["artifacts"]["model"]["taskOutputArtifact"]
-    assert model_input == {"outputArtifactKey": "model", "producerTask": "train-model"}
+    for step, expected in INPUTS.items():
+        wired = tasks[step].get("inputs", {}).get("artifacts", {})
+        flows = {
+            name: (a["taskOutputArtifact"]["producerTask"], a["taskOutputArtifact"]["outputArtifactKey"])
+            for name, a in wired.items()
+        }
+        assert flows == expected, step
+
+
+def test_only_the_first_step_takes_a_data_location(compiled: tuple[str, list[dict]]) -> None:
+    """Later steps read their input artifacts, not a data root threaded through as a string."""
+    components = compiled[1][0]["components"]
+    for step in STEPS:
+        parameters = set(components[f"comp-{step}"].get("inputDefinitions", {}).get("parameters", {}))
+        locations = {p for p in parameters if p.endswith(("_uri", "_path", "_dir"))}
+        assert locations == ({"data_uri"} if step == "prepare-data" else set()), step
 
 
 def test_credentials_come_from_secrets_and_config_maps(compiled: tuple[str, list[dict]]) -> None:
@@ -65,7 +100,7 @@ def test_credentials_come_from_secrets_and_config_maps(compiled: tuple[str, list
         secrets = {s["secretName"]: {m["secretKey"] for m in s["keyToEnv"]} for s in config["secretAsEnv"]}
         assert secrets["fraud-detection-s3"] == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}, name
         config_maps = {c["configMapName"] for c in config["configMapAsEnv"]}
-        assert config_maps == {"fraud-detection-config"}, name
+        assert config_maps == {CONFIG_MAP}, name
     assert "fraud-detection-registry" in {s["secretName"] for s in platform["exec-register-model"]["secretAsEnv"]}
     for literal in ("minio123", "AWS_SECRET_ACCESS_KEY: ", "password"):
         assert literal not in text
@@ -80,7 +115,7 @@ def test_config_map_keys_the_pipeline_reads_exist_in_the_manifests() -> None:
         check=True, capture_output=True, text=True,
     ).stdout
     maps = [d for d in yaml.safe_load_all(rendered) if d and d["kind"] == "ConfigMap"
-            and d["metadata"]["name"] == module.CONFIG_MAP]
-    assert maps, "manifests/ defines no fraud-detection-config ConfigMap"
+            and d["metadata"]["name"] == CONFIG_MAP]
+    assert maps, f"manifests/ defines no {CONFIG_MAP} ConfigMap"
     for config_map in maps:
-        assert set(module.CONFIG_KEYS) <= set(config_map["data"])
+        assert set(module.CONFIG_KEYS) == set(env_names(CONFIG)) == set(config_map["data"])
