@@ -9,9 +9,11 @@ and uploads after the step. Steps that write to the object store themselves (the
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -24,6 +26,22 @@ from fraud_common.settings import Settings
 KFP_SCHEMES = {"minio": "s3", "s3": "s3"}
 # Spark's _SUCCESS marker and Hadoop's .crc files are not data.
 IGNORED_PREFIXES = ("_", ".")
+
+
+@contextlib.contextmanager
+def pipeline_step(timed: Any, **overrides: object) -> Iterator[Settings]:
+    """A pipeline step's frame: logging, its settings (with the run's parameters), its duration.
+
+    Yields ``Settings.from_env().with_overrides(**overrides)``; when the body succeeds, records
+    ``duration_seconds`` in the metadata of the output artifact ``timed`` (the CLI reads it).
+    """
+    from fraud_common.logs import setup_logging
+
+    settings = Settings.from_env().with_overrides(**overrides)
+    setup_logging(settings.log_level)
+    started = time.monotonic()
+    yield settings
+    timed.metadata["duration_seconds"] = round(time.monotonic() - started, 1)
 
 
 def storage_uri(artifact_uri: str) -> str:

@@ -44,52 +44,37 @@ def prepare_data(
     prepared: Output[Dataset],
 ):
     """Turn the raw CSVs under ``data_uri``/raw into point-in-time features (Spark) in ``prepared``."""
-    import time
-
     from fraud_common import schemas, storage
-    from fraud_common.artifacts import parquet_summary, storage_uri
-    from fraud_common.logs import setup_logging
-    from fraud_common.settings import Settings
+    from fraud_common.artifacts import parquet_summary, pipeline_step, storage_uri
 
-    setup_logging()
-    started = time.monotonic()
-    settings = Settings.from_env().with_overrides(data_uri=data_uri.rstrip("/"))
-    if platform == "local":
-        from data_preparation.main import prepare
+    with pipeline_step(prepared, data_uri=data_uri.rstrip("/")) as settings:
+        if platform == "local":
+            from data_preparation.main import prepare
 
-        written = prepared.path
-        report = prepare(settings.raw_uri, written, settings)
-        details = {"users_without_history": report.users_without_history, "history_rows": report.history_rows}
-    else:
-        from pipeline.k8s import launch_spark_preparation
+            written = prepared.path
+            report = prepare(settings.raw_uri, written, settings)
+            details = {"users_without_history": report.users_without_history, "history_rows": report.history_rows}
+        else:
+            from pipeline.k8s import launch_spark_preparation
 
-        # Spark writes to the object store itself: straight into this artifact's location.
-        written = storage_uri(prepared.uri)
-        details = launch_spark_preparation(
-            settings=settings,
-            namespace=namespace,
-            image=spark_image,
-            run_id=run_id,
-            driver_cores=spark_driver_cores,
-            driver_memory=spark_driver_memory,
-            executor_instances=spark_executor_instances,
-            executor_cores=spark_executor_cores,
-            executor_memory=spark_executor_memory,
-            timeout_seconds=spark_timeout_seconds,
-            input_uri=settings.raw_uri,
-            output_uri=written,
+            # Spark writes to the object store itself: straight into this artifact's location.
+            written = storage_uri(prepared.uri)
+            details = launch_spark_preparation(
+                settings, namespace, spark_image, run_id,
+                spark_driver_cores, spark_driver_memory,
+                spark_executor_instances, spark_executor_cores, spark_executor_memory,
+                spark_timeout_seconds, input_uri=settings.raw_uri, output_uri=written,
+            )
+        entities = parquet_summary(storage.join(written, schemas.ENTITIES_DIR), settings)
+        prepared.metadata.update(
+            {
+                **parquet_summary(storage.join(written, schemas.FEATURES_DIR), settings),
+                "entity_rows": entities["rows"],
+                "layout": f"{schemas.FEATURES_DIR}/ and {schemas.ENTITIES_DIR}/ Parquet folders",
+                "raw_uri": settings.raw_uri,
+                **details,
+            }
         )
-    entities = parquet_summary(storage.join(written, schemas.ENTITIES_DIR), settings)
-    prepared.metadata.update(
-        {
-            **parquet_summary(storage.join(written, schemas.FEATURES_DIR), settings),
-            "entity_rows": entities["rows"],
-            "layout": f"{schemas.FEATURES_DIR}/ and {schemas.ENTITIES_DIR}/ Parquet folders",
-            "raw_uri": settings.raw_uri,
-            **details,
-            "duration_seconds": round(time.monotonic() - started, 1),
-        }
-    )
 
 
 @dsl.component(base_image=image("feature-engineering"), **_COMMON)
@@ -98,30 +83,23 @@ def feature_engineering(
     feature_store: Output[Artifact],
 ):
     """Apply the Feast definitions, materialize ``prepared`` online, publish the store as ``feature_store``."""
-    import time
-
-    from fraud_common.artifacts import file_summary
+    from fraud_common.artifacts import file_summary, pipeline_step
     from fraud_common.feature_store import SNAPSHOT_FILES, publish_snapshot
-    from fraud_common.logs import setup_logging
-    from fraud_common.settings import Settings
     from feature_engineering.feast_feature_engineering import apply_and_materialize
 
-    setup_logging()
-    started = time.monotonic()
-    settings = Settings.from_env()
-    report = apply_and_materialize(settings, prepared_uri=prepared.path)
-    # The snapshot (registry + a consistent copy of the SQLite online store) is what later steps
-    # and the predictor pods read; a production store would be Redis or Postgres, read live.
-    publish_snapshot(settings, feature_store.path)
-    feature_store.metadata.update(
-        {
-            **report.to_dict(),
-            "rows_materialized": report.rows_in_window,
-            "online_users": report.online_users_after,
-            **file_summary(feature_store.path, SNAPSHOT_FILES),
-            "duration_seconds": round(time.monotonic() - started, 1),
-        }
-    )
+    with pipeline_step(feature_store) as settings:
+        report = apply_and_materialize(settings, prepared_uri=prepared.path)
+        # The snapshot (registry + a consistent copy of the SQLite online store) is what later
+        # steps and the predictor pods read; a production store would be Redis or Postgres.
+        publish_snapshot(settings, feature_store.path)
+        feature_store.metadata.update(
+            {
+                **report.to_dict(),
+                "rows_materialized": report.rows_in_window,
+                "online_users": report.online_users_after,
+                **file_summary(feature_store.path, SNAPSHOT_FILES),
+            }
+        )
 
 
 @dsl.component(base_image=image("feature-engineering"), **_COMMON)
@@ -133,29 +111,18 @@ def retrieve_features(
     """Build the point-in-time training set with Feast's historical retrieval over the store's registry."""
     import shutil
     import tempfile
-    import time
     from pathlib import Path
 
-    from fraud_common.artifacts import parquet_summary
+    from fraud_common.artifacts import parquet_summary, pipeline_step
     from fraud_common.feature_store import REGISTRY_FILE
-    from fraud_common.logs import setup_logging
-    from fraud_common.settings import Settings
     from feature_engineering.feast_feature_engineering import retrieve_training_data
 
-    setup_logging()
-    started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="feast-registry-") as feast_dir:
-        # Historical retrieval needs the registry only; a copy keeps the input artifact untouched.
-        shutil.copyfile(Path(feature_store.path) / REGISTRY_FILE, Path(feast_dir) / REGISTRY_FILE)
-        settings = Settings.from_env().with_overrides(feast_dir=feast_dir)
-        retrieve_training_data(settings, out_path=Path(training_set.path), prepared_uri=prepared.path)
-    training_set.metadata.update(
-        {
-            **parquet_summary(training_set.path, settings),
-            "format": "parquet",
-            "duration_seconds": round(time.monotonic() - started, 1),
-        }
-    )
+        with pipeline_step(training_set, feast_dir=feast_dir) as settings:
+            # Historical retrieval needs the registry only; a copy keeps the input artifact as it is.
+            shutil.copyfile(Path(feature_store.path) / REGISTRY_FILE, Path(feast_dir) / REGISTRY_FILE)
+            retrieve_training_data(settings, out_path=Path(training_set.path), prepared_uri=prepared.path)
+            training_set.metadata.update({**parquet_summary(training_set.path, settings), "format": "parquet"})
 
 
 @dsl.component(base_image=image("train"), **_COMMON)
@@ -169,18 +136,13 @@ def train_model(
     """Train the network and the reference, evaluate on the test split, export ONNX."""
     import shutil
     import tempfile
-    import time
     from pathlib import Path
 
-    from fraud_common.logs import setup_logging
-    from fraud_common.settings import Settings
+    from fraud_common.artifacts import pipeline_step
     from train.train import TrainConfig, run_training
 
-    setup_logging()
-    started = time.monotonic()
-    settings = Settings.from_env()
-    config = TrainConfig(max_epochs=settings.train_max_epochs, seed=settings.train_seed)
-    with tempfile.TemporaryDirectory() as tmp:
+    with pipeline_step(model) as settings, tempfile.TemporaryDirectory() as tmp:
+        config = TrainConfig(max_epochs=settings.train_max_epochs, seed=settings.train_seed)
         outcome = run_training(Path(training_set.path), Path(tmp) / "out", settings, config)
         shutil.copyfile(outcome.model_path, model.path)
         Path(evaluation.path).mkdir(parents=True, exist_ok=True)
@@ -203,7 +165,6 @@ def train_model(
             "data_fingerprint": outcome.data_fingerprint,
             "training_rows": training_set.metadata.get("rows"),
             "metrics": {k: v for k, v in outcome.metrics.items() if isinstance(v, (int, float))},
-            "duration_seconds": round(time.monotonic() - started, 1),
         }
     )
 
@@ -218,36 +179,32 @@ def register_model(
 ):
     """Check the quality gate, upload the ONNX file and record the version in the registry."""
     import json
-    import time
 
-    from fraud_common.logs import setup_logging
-    from fraud_common.settings import Settings
+    from fraud_common.artifacts import pipeline_step
     from train.register import code_version, publish_model
 
-    setup_logging()
-    started = time.monotonic()
-    settings = Settings.from_env().with_overrides(model_name=model_name, min_roc_auc=min_roc_auc)
-    version = publish_model(
-        settings,
-        model_path=model.path,
-        metrics=model.metadata["metrics"],
-        threshold=float(model.metadata["threshold"]),
-        feature_names=list(model.metadata["feature_names"]),
-        data_fingerprint=str(model.metadata["data_fingerprint"]),
-        run_id=run_id,
-        code_version=code_version(),
-    )
-    record = {
-        "model_name": version.model_name,
-        "model_version": version.version,
-        "artifact_uri": version.artifact_uri,
-        "registry_backend": settings.registry_backend,
-        "registry_uri": settings.registry_uri,
-    }
-    # The artifact is the registered version's record: which registry holds which version.
-    with open(registered_model.path, "w") as handle:
-        json.dump(record, handle, indent=2)
-    registered_model.metadata.update({**record, "duration_seconds": round(time.monotonic() - started, 1)})
+    with pipeline_step(registered_model, model_name=model_name, min_roc_auc=min_roc_auc) as settings:
+        version = publish_model(
+            settings,
+            model_path=model.path,
+            metrics=model.metadata["metrics"],
+            threshold=float(model.metadata["threshold"]),
+            feature_names=list(model.metadata["feature_names"]),
+            data_fingerprint=str(model.metadata["data_fingerprint"]),
+            run_id=run_id,
+            code_version=code_version(),
+        )
+        record = {
+            "model_name": version.model_name,
+            "model_version": version.version,
+            "artifact_uri": version.artifact_uri,
+            "registry_backend": settings.registry_backend,
+            "registry_uri": settings.registry_uri,
+        }
+        # The artifact is the registered version's record: which registry holds which version.
+        with open(registered_model.path, "w") as handle:
+            json.dump(record, handle, indent=2)
+        registered_model.metadata.update(record)
 
 
 @dsl.component(base_image=image("pipeline"), **_COMMON)
@@ -263,45 +220,30 @@ def serve(
 ):
     """Deploy (or roll) the predictor to the registered version with the run's feature store snapshot."""
     import json
-    import time
+    import tempfile
 
-    from fraud_common.artifacts import storage_uri
-    from fraud_common.logs import setup_logging
-    from fraud_common.settings import Settings
+    from fraud_common.artifacts import pipeline_step, storage_uri
 
-    setup_logging()
-    started = time.monotonic()
-    settings = Settings.from_env()
     name = registered_model.metadata["model_name"]
     version = registered_model.metadata["model_version"]
     snapshot = storage_uri(feature_store.uri)
-    if platform == "local":
-        import tempfile
+    with tempfile.TemporaryDirectory(prefix="feast-check-") as feast_dir, pipeline_step(endpoint) as settings:
+        if platform == "local":
+            from rest_predictor.predictor import check_loadable
 
-        from rest_predictor.predictor import check_loadable
+            # What a predictor pod does: fetch the snapshot, open the store, load the model, probe.
+            check_loadable(settings.with_overrides(
+                model_name=name, serve_model_version=version, feast_snapshot_uri=snapshot, feast_dir=feast_dir
+            ))
+            url = f"http://{settings.serve_host}:{settings.serve_port}"
+        else:
+            from pipeline.k8s import launch_inference_service
 
-        # What a predictor pod does: fetch the snapshot, open the store, load the model, probe.
-        with tempfile.TemporaryDirectory(prefix="feast-check-") as feast_dir:
-            check_loadable(
-                settings.with_overrides(
-                    model_name=name, serve_model_version=version, feast_snapshot_uri=snapshot, feast_dir=feast_dir
-                )
+            url = launch_inference_service(
+                settings, namespace, service_name, predictor_image, name, version, serve_timeout_seconds,
+                feast_snapshot_uri=snapshot,
             )
-        url = f"http://{settings.serve_host}:{settings.serve_port}"
-    else:
-        from pipeline.k8s import launch_inference_service
-
-        url = launch_inference_service(
-            settings=settings,
-            namespace=namespace,
-            service_name=service_name,
-            image=predictor_image,
-            model_name=name,
-            model_version=version,
-            timeout_seconds=serve_timeout_seconds,
-            feast_snapshot_uri=snapshot,
-        )
-    record = {"url": url, "model_name": name, "model_version": version, "feast_snapshot_uri": snapshot}
-    with open(endpoint.path, "w") as handle:
-        json.dump(record, handle, indent=2)
-    endpoint.metadata.update({**record, "duration_seconds": round(time.monotonic() - started, 1)})
+        record = {"url": url, "model_name": name, "model_version": version, "feast_snapshot_uri": snapshot}
+        with open(endpoint.path, "w") as handle:
+            json.dump(record, handle, indent=2)
+        endpoint.metadata.update(record)
