@@ -23,7 +23,7 @@ from types import ModuleType
 
 from fraud_common import storage
 from fraud_common.logs import get_logger, setup_logging
-from fraud_common.settings import Settings, SettingsError
+from fraud_common.settings import Settings, SettingsError, pipeline_parameters
 
 log = get_logger("fraud-detection")
 PIPELINE_FILE = Path(__file__).with_name("fraud-detection-e2e.py")
@@ -179,12 +179,9 @@ def run_pipeline_locally(settings: Settings) -> float:
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(runs), raise_on_error=True)
     module = load_pipeline_module()
     started = time.monotonic()
-    module.fraud_detection_pipeline(
-        data_uri=settings.data_uri,
-        model_name=settings.model_name,
-        min_roc_auc=settings.min_roc_auc,
-        platform="local",
-    )
+    # Every pipeline parameter is a setting of the same name: this machine's values.
+    parameters = {name: getattr(settings, name) for name in pipeline_parameters()}
+    module.fraud_detection_pipeline(**parameters, platform="local")
     return time.monotonic() - started
 
 
