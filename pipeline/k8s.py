@@ -28,13 +28,14 @@ from typing import Any, Callable, Iterable, Mapping
 from kubernetes.client.exceptions import ApiException
 
 from fraud_common.logs import get_logger
-from fraud_common.settings import CONFIG_MAP, REGISTRY_SECRET, S3_SECRET  # noqa: F401 - re-exported
+from fraud_common.settings import CONFIG_MAP, REGISTRY_SECRET, S3_SECRET, default_of  # noqa: F401 - re-exported
 from fraud_common.spark_s3 import s3a_conf
 
 _log = get_logger(__name__)
 
 PROJECT = "fraud-detection"
-NAMESPACE = "fraud-detection"
+# The project namespace is a setting (FRAUD_NAMESPACE); this is its default, which the manifests use.
+NAMESPACE = default_of("namespace")
 PIPELINE_SERVICE_ACCOUNT = "fraud-detection-pipeline"
 SPARK_SERVICE_ACCOUNT = "fraud-detection-spark"
 PREDICTOR_SERVICE_ACCOUNT = "fraud-detection-predictor"
