@@ -21,6 +21,9 @@ def s3a_conf(endpoint: str, region: str = "") -> dict[str, str]:
         # s3:// URIs (the project's own spelling) go through s3a as well.
         "spark.hadoop.fs.s3.impl": S3A,
         "spark.hadoop.fs.s3a.aws.credentials.provider": ENV_CREDENTIALS,
+        # Hadoop 3.4.3/3.5 default to the "analytics" stream, which needs the analyticsaccelerator-s3
+        # jar (HADOOP-19559); the classic stream needs only hadoop-aws and the AWS SDK.
+        "spark.hadoop.fs.s3a.input.stream.type": "classic",
     }
     if region:
         conf["spark.hadoop.fs.s3a.endpoint.region"] = region

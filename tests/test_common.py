@@ -90,6 +90,7 @@ def test_spark_s3_settings_never_carry_keys() -> None:
     assert conf["spark.hadoop.fs.s3a.connection.ssl.enabled"] == "true"
     assert conf["spark.hadoop.fs.s3a.endpoint.region"] == "eu-west-1"
     assert conf["spark.hadoop.fs.s3a.aws.credentials.provider"].endswith("EnvironmentVariableCredentialsProvider")
+    assert conf["spark.hadoop.fs.s3a.input.stream.type"] == "classic"
     assert not [key for key in conf if key.endswith(("access.key", "secret.key"))]
     assert "spark.hadoop.fs.s3a.endpoint" not in s3a_conf("")
 
