@@ -32,6 +32,7 @@ def write_prepared(root: Path, rows: int, seed: int = 0) -> None:
 
 def run(rows: int, retrieve: bool) -> dict:
     from feature_engineering.feast_feature_engineering import apply_and_materialize, retrieve_training_data
+    from fraud_common.feature_store import fetch_snapshot, publish_snapshot
 
     with tempfile.TemporaryDirectory(prefix="feast-bench-") as tmp:
         settings = Settings.from_env({"FRAUD_HOME": tmp})
@@ -42,6 +43,15 @@ def run(rows: int, retrieve: bool) -> dict:
         result["rerun_materialize_seconds"] = rerun.materialize_seconds
         result["rerun_rows_in_window"] = rerun.rows_in_window
         result["online_store_bytes"] = (Path(settings.feast_dir) / "online_store.db").stat().st_size
+        # What each pipeline run adds: the feature step publishes the store as its artifact, the
+        # serve step (and each predictor pod) fetches that snapshot.
+        snapshot = Path(tmp) / "snapshot"
+        started = time.perf_counter()
+        publish_snapshot(settings, str(snapshot))
+        result["publish_snapshot_seconds"] = round(time.perf_counter() - started, 3)
+        started = time.perf_counter()
+        fetch_snapshot(str(snapshot), settings.with_overrides(feast_dir=str(Path(tmp) / "fetched")))
+        result["fetch_snapshot_seconds"] = round(time.perf_counter() - started, 3)
         if retrieve:
             started = time.perf_counter()
             frame = retrieve_training_data(settings)

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 from fraud_common import schemas, storage
 from fraud_common.logs import get_logger, setup_logging
 from fraud_common.settings import Settings
+from fraud_common.spark_s3 import s3a_conf
 
 try:  # a package when installed, a plain folder under spark-submit
     from data_preparation.validation import FileSummary, ValidationError, parse_label_time, validate_inputs
@@ -214,7 +215,7 @@ def spark_session(master: str | None, settings: Settings, s3a: bool = False) -> 
             .config("spark.ui.enabled", "false")
         )
     if s3a:
-        for key, value in s3a_options(settings).items():
+        for key, value in s3a_conf(settings.s3_endpoint, settings.s3_region).items():
             builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
@@ -225,23 +226,6 @@ def spark_session(master: str | None, settings: Settings, s3a: bool = False) -> 
     if spark.sparkContext.master.startswith("local"):
         spark.conf.set("spark.sql.shuffle.partitions", LOCAL_SHUFFLE_PARTITIONS)
     return spark
-
-
-def s3a_options(settings: Settings) -> dict[str, str]:
-    """Hadoop s3a settings for an S3-compatible store (MinIO in the cluster)."""
-    options = {
-        "spark.hadoop.fs.s3a.impl": "org.apache.hadoop.fs.s3a.S3AFileSystem",
-        "spark.hadoop.fs.s3a.path.style.access": "true",
-        "spark.hadoop.fs.s3a.endpoint.region": settings.s3_region,
-    }
-    if settings.s3_endpoint:
-        options["spark.hadoop.fs.s3a.endpoint"] = settings.s3_endpoint
-        options["spark.hadoop.fs.s3a.connection.ssl.enabled"] = str(settings.s3_endpoint.startswith("https")).lower()
-    if settings.s3_access_key:
-        options["spark.hadoop.fs.s3a.access.key"] = settings.s3_access_key
-        options["spark.hadoop.fs.s3a.secret.key"] = settings.s3_secret_key
-        options["spark.hadoop.fs.s3a.aws.credentials.provider"] = "org.apache.hadoop.fs.s3a.SimpleAWSCredentialsProvider"
-    return options
 
 
 # --- Reading -----------------------------------------------------------------------------------

@@ -2,16 +2,16 @@
 
 Public API (the pipeline and the predictor use these):
 
-* ``apply_and_materialize(settings, end_date=None, full=False) -> MaterializeReport``
-* ``retrieve_training_data(settings, out_path=None, missing="error") -> pandas.DataFrame``
+* ``apply_and_materialize(settings, end_date=None, full=False, prepared_uri=None) -> MaterializeReport``
+* ``retrieve_training_data(settings, out_path=None, missing="error", prepared_uri=None) -> pandas.DataFrame``
 * ``open_store(settings) -> feast.FeatureStore``
-* ``publish_store(settings, uri)`` / ``fetch_store(uri, settings)``: copy the registry and the
-  SQLite online store to / from a local folder or an s3:// prefix.
-* ``main(argv)``: ``python feast_feature_engineering.py apply|retrieve|publish|fetch ...``
+* ``main(argv)``: ``python feast_feature_engineering.py apply|retrieve|publish|fetch|config ...``
 
-The online store is a SQLite file so that one machine needs no server; the cluster's predictor
-downloads a snapshot of it from MinIO (``fetch_store``). A production deployment would point
-``online_store`` at Redis or Postgres instead, which the predictor reads live, with no snapshot.
+``prepared_uri`` is the folder data preparation wrote (``features/`` and ``entities/``); by
+default ``settings.prepared_uri``, in the pipeline the input artifact's path. The online store is
+a SQLite file so that one machine needs no server; the cluster's predictor downloads a snapshot of
+it (``fraud_common.feature_store.publish_snapshot`` / ``fetch_snapshot``). A production deployment
+would point ``online_store`` at Redis or Postgres instead, read live, with no snapshot.
 """
 
 from __future__ import annotations
@@ -34,16 +34,18 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as pads
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from fraud_common import schemas, storage
+from fraud_common.artifacts import IGNORED_PREFIXES, arrow_filesystem
 from fraud_common.feature_store import (
     FEATURE_SERVICE,
     FEATURE_VIEW,
     ONLINE_STORE_FILE,
     PROJECT,
-    REGISTRY_FILE,
+    SnapshotError,
+    fetch_snapshot,
+    publish_snapshot,
     store_config,
 )
 from fraud_common.logs import get_logger, setup_logging
@@ -55,11 +57,7 @@ log = get_logger(__name__)
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 # Remembers which source content the online store holds (see _needs_full_run).
 STATE_FILE = "materialized_source.json"
-# Rows converted and written per online-store batch: bounds materialization's memory at 1M users.
-ONLINE_WRITE_BATCH_SIZE = 50_000
 MISSING_POLICIES = ("error", "drop", "keep")
-# Dask's file offline store and pyarrow skip these (Spark's _SUCCESS, .crc files).
-IGNORED_PREFIXES = ("_", ".")
 
 
 class FeatureStoreError(RuntimeError):
@@ -105,18 +103,13 @@ def open_store(settings: Settings):  # noqa: ANN201 - feast.FeatureStore, import
     from feast import FeatureStore, RepoConfig
 
     Path(settings.feast_dir).mkdir(parents=True, exist_ok=True)
-    config = RepoConfig(
-        repo_path=Path(settings.feast_dir),
-        materialization={"online_write_batch_size": ONLINE_WRITE_BATCH_SIZE},
-        **store_config(settings),
-    )
-    return FeatureStore(config=config)
+    return FeatureStore(config=RepoConfig(repo_path=Path(settings.feast_dir), **store_config(settings)))
 
 
-def _definitions(settings: Settings) -> list:
+def _definitions(settings: Settings, source: Path) -> list:
     from feature_engineering.feature_repo.repo_definition import build_definitions
 
-    return list(build_definitions(settings))
+    return list(build_definitions(settings, path=str(source)))
 
 
 def _online_db(settings: Settings) -> Path:
@@ -144,28 +137,9 @@ def count_online_users(settings: Settings) -> int:
 # Reading prepared Parquet
 
 
-def _filesystem(uri: str, settings: Settings) -> tuple[pafs.FileSystem | None, str]:
-    """A pyarrow filesystem and path for a local path or s3:// URI (credentials from settings)."""
-    if not storage.is_s3(uri):
-        return None, uri
-    endpoint = settings.s3_endpoint
-    scheme = "https"
-    if endpoint and "://" in endpoint:
-        scheme, endpoint = endpoint.split("://", 1)
-    fs = pafs.S3FileSystem(
-        access_key=settings.s3_access_key or None,
-        secret_key=settings.s3_secret_key or None,
-        region=settings.s3_region or None,
-        endpoint_override=endpoint or None,
-        scheme=scheme,
-    )
-    bucket, key = storage.split_s3(uri)
-    return fs, f"{bucket}/{key}"
-
-
 def read_parquet(uri: str, settings: Settings, columns: Sequence[str]) -> pd.DataFrame:
     """Columns of a Parquet file or folder (local or s3://), with a clear error when any is missing."""
-    fs, path = _filesystem(uri, settings)
+    fs, path = arrow_filesystem(uri, settings)
     try:
         dataset = pads.dataset(path, format="parquet", filesystem=fs, ignore_prefixes=list(IGNORED_PREFIXES))
     except (FileNotFoundError, OSError) as err:
@@ -196,19 +170,20 @@ def _fingerprint(path: Path) -> str:
     return digest.hexdigest()
 
 
-def stage_source(settings: Settings) -> Path:
-    """The local folder Feast's file source reads; for an s3:// data root, a fresh copy of it.
+def stage_source(settings: Settings, prepared_uri: str | None = None) -> Path:
+    """The local folder Feast's file source reads; for an s3:// ``prepared_uri``, a fresh copy of it.
 
     The copy lands in a temporary folder and replaces the previous copy at the end.
     """
     from feature_engineering.feature_repo.repo_definition import source_path
 
-    target = Path(source_path(settings))
-    if not storage.is_s3(settings.data_uri):
+    prepared_uri = prepared_uri or settings.prepared_uri
+    target = Path(source_path(settings, prepared_uri))
+    if not storage.is_s3(prepared_uri):
         if not target.exists() or not _source_files(target):
             raise FeatureStoreError(f"no prepared features at {target}: run data preparation first")
         return target
-    remote = storage.join(settings.prepared_uri, schemas.FEATURES_DIR)
+    remote = storage.join(prepared_uri, schemas.FEATURES_DIR)
     if not storage.exists(remote, settings):
         raise FeatureStoreError(f"no prepared features at {remote}: run data preparation first")
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -256,7 +231,7 @@ def _write_state(settings: Settings, state: dict) -> None:
 
 
 def apply_and_materialize(
-    settings: Settings, end_date: datetime | None = None, full: bool = False
+    settings: Settings, end_date: datetime | None = None, full: bool = False, prepared_uri: str | None = None
 ) -> MaterializeReport:
     """Register the definitions and bring the online store up to date with the prepared features.
 
@@ -268,12 +243,12 @@ def apply_and_materialize(
     """
     started = time.perf_counter()
     end = (end_date or datetime.now(timezone.utc)).astimezone(timezone.utc)
-    source = stage_source(settings)
+    source = stage_source(settings, prepared_uri)
     _check_source(source)
     fingerprint = _fingerprint(source)
 
     store = open_store(settings)
-    objects = _definitions(settings)
+    objects = _definitions(settings, source)
     store.apply(objects)
     applied = time.perf_counter()
 
@@ -315,9 +290,9 @@ def apply_and_materialize(
 # Training set
 
 
-def read_entities(settings: Settings) -> pd.DataFrame:
+def read_entities(settings: Settings, prepared_uri: str | None = None) -> pd.DataFrame:
     """The Feast entity rows written by data preparation, timestamps as UTC, labels as 0/1."""
-    uri = storage.join(settings.prepared_uri, schemas.ENTITIES_DIR)
+    uri = storage.join(prepared_uri or settings.prepared_uri, schemas.ENTITIES_DIR)
     frame = read_parquet(uri, settings, schemas.ENTITY_COLUMNS)
     if frame.empty:
         raise FeatureStoreError(f"no entity rows in {uri}")
@@ -331,7 +306,10 @@ def read_entities(settings: Settings) -> pd.DataFrame:
 
 
 def retrieve_training_data(
-    settings: Settings, out_path: Path | str | None = None, missing: str = "error"
+    settings: Settings,
+    out_path: Path | str | None = None,
+    missing: str = "error",
+    prepared_uri: str | None = None,
 ) -> pd.DataFrame:
     """Point-in-time correct training rows through Feast's ``get_historical_features``.
 
@@ -347,15 +325,15 @@ def retrieve_training_data(
     if missing not in MISSING_POLICIES:
         raise ValueError(f"missing={missing!r}: use one of {MISSING_POLICIES}")
     started = time.perf_counter()
-    stage_source(settings)
+    source = stage_source(settings, prepared_uri)
     store = open_store(settings)
     if FEATURE_SERVICE not in {s.name for s in store.list_feature_services()}:
-        # A fresh pod has no registry yet: historical retrieval needs the definitions only.
+        # A fresh store has no registry yet: historical retrieval needs the definitions only.
         log.info("feature service %s not registered yet: applying the definitions", FEATURE_SERVICE)
-        store.apply(_definitions(settings))
+        store.apply(_definitions(settings, source))
     service = store.get_feature_service(FEATURE_SERVICE)
 
-    entities = read_entities(settings)
+    entities = read_entities(settings, prepared_uri)
     order = "__entity_row"  # puts Feast's output back in the entity rows' order
     entities[order] = np.arange(len(entities))
     joined = store.get_historical_features(entity_df=entities, features=service).to_df()
@@ -403,65 +381,14 @@ def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Publishing the store's state
+# The Feast CLI's configuration
 
 
-def publish_store(settings: Settings, uri: str) -> list[str]:
-    """Copy the registry and a consistent snapshot of the SQLite online store to ``uri``.
+def feature_store_yaml(settings: Settings) -> str:
+    """``feature_store.yaml`` for the Feast CLI: ``store_config(settings)`` as YAML."""
+    import yaml
 
-    ``uri`` is a local folder or an s3:// prefix; returns the URIs written.
-    """
-    feast_dir = Path(settings.feast_dir)
-    registry, online = feast_dir / REGISTRY_FILE, feast_dir / ONLINE_STORE_FILE
-    for path in (registry, online):
-        if not path.exists():
-            raise FeatureStoreError(f"nothing to publish: {path} does not exist (run apply first)")
-    written = []
-    with tempfile.TemporaryDirectory(prefix="feast-publish-") as tmp:
-        snapshot = Path(tmp) / ONLINE_STORE_FILE
-        # SQLite's backup API copies a consistent state even if a writer is active.
-        with sqlite3.connect(online) as source, sqlite3.connect(snapshot) as target:
-            source.backup(target)
-        for name, path in ((REGISTRY_FILE, registry), (ONLINE_STORE_FILE, snapshot)):
-            destination = storage.join(uri, name)
-            if storage.is_s3(uri):
-                storage.upload(path, destination, settings)
-            else:
-                _copy_atomically(path, Path(destination))
-            written.append(destination)
-    log.info("published the feature store to %s", uri)
-    return written
-
-
-def fetch_store(uri: str, settings: Settings) -> Path:
-    """Download a published store into ``settings.feast_dir``; returns that folder.
-
-    Both files are downloaded first and moved into place only when both arrived.
-    """
-    feast_dir = Path(settings.feast_dir)
-    feast_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=feast_dir, prefix=".fetch-") as tmp:
-        for name in (REGISTRY_FILE, ONLINE_STORE_FILE):
-            source = storage.join(uri, name)
-            if not storage.exists(source, settings):
-                raise FeatureStoreError(f"no published feature store file at {source}")
-            storage.download(source, Path(tmp) / name, settings)
-        for name in (REGISTRY_FILE, ONLINE_STORE_FILE):
-            os.replace(Path(tmp) / name, feast_dir / name)
-    log.info("fetched the feature store from %s to %s", uri, feast_dir)
-    return feast_dir
-
-
-def _copy_atomically(source: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    return yaml.safe_dump(store_config(settings), sort_keys=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,6 +416,7 @@ def _parser() -> argparse.ArgumentParser:
     publish.add_argument("uri")
     fetch = commands.add_parser("fetch", help="download a published store into the local feast dir")
     fetch.add_argument("uri")
+    commands.add_parser("config", help="print feature_store.yaml for the Feast CLI (from the settings)")
     return parser
 
 
@@ -504,10 +432,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             frame = retrieve_training_data(settings, args.out, missing=args.missing)
             result = {"rows": len(frame), "columns": list(frame.columns), "out": str(args.out) if args.out else None}
         elif args.command == "publish":
-            result = {"written": publish_store(settings, args.uri)}
+            result = {"written": publish_snapshot(settings, args.uri)}
+        elif args.command == "fetch":
+            result = {"feast_dir": str(fetch_snapshot(args.uri, settings))}
         else:
-            result = {"feast_dir": str(fetch_store(args.uri, settings))}
-    except (FeatureStoreError, storage.StorageError) as err:
+            print(feature_store_yaml(settings), end="")
+            return 0
+    except (FeatureStoreError, SnapshotError, storage.StorageError) as err:
         log.error("%s", err)
         return 1
     print(json.dumps(result, indent=2))

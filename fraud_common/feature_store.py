@@ -1,40 +1,124 @@
-"""Names and configuration of the Feast feature store, shared by the feature step and the predictor.
+"""Names, configuration and snapshots of the Feast feature store, shared by the feature step and the predictor.
 
-Only plain data lives here (no Feast import), so the shared package stays small; callers build
-``feast.RepoConfig(**store_config(settings))``.
+Only plain data and file copies live here (no Feast import), so the shared package stays small;
+callers build ``feast.RepoConfig(**store_config(settings))``. The Feast objects themselves
+(entity, source, view, service) are defined once in ``feature_engineering/feature_repo``.
+
+A snapshot is a folder (local or ``s3://``) holding ``registry.db`` and a consistent copy of
+the SQLite ``online_store.db``: the feature step publishes one as its pipeline artifact, the
+predictor fetches one into its ``feast_dir`` before opening the store.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import sqlite3
+import tempfile
 from pathlib import Path
 
+from fraud_common import storage
+from fraud_common.logs import get_logger
 from fraud_common.schemas import MODEL_FEATURES
 from fraud_common.settings import Settings
+
+log = get_logger(__name__)
 
 PROJECT = "fraud_detection"
 ENTITY_NAME = "user"
 FEATURE_VIEW = "user_transaction_features"
 FEATURE_SERVICE = "fraud_model_features"
+# File names of the store's state inside ``settings.feast_dir`` (and inside a snapshot).
+REGISTRY_FILE = "registry.db"
+ONLINE_STORE_FILE = "online_store.db"
+SNAPSHOT_FILES = (REGISTRY_FILE, ONLINE_STORE_FILE)
+# Rows converted and written per online-store batch: bounds materialization's memory at 1M users.
+ONLINE_WRITE_BATCH_SIZE = 50_000
+
+
+class SnapshotError(RuntimeError):
+    """A store snapshot cannot be published or fetched."""
 
 
 def store_config(settings: Settings) -> dict:
-    """Feast repo configuration: SQLite online store and file registry under ``settings.feast_dir``."""
+    """Feast repo configuration: SQLite online store and file registry under ``settings.feast_dir``.
+
+    ``feature_engineering/feature_repo/feature_store.yaml`` (the Feast CLI's copy) is generated
+    from this (``python -m feature_engineering.feast_feature_engineering config``).
+    """
     feast_dir = Path(settings.feast_dir)
     return {
         "project": PROJECT,
         "provider": "local",
-        "registry": str(feast_dir / "registry.db"),
-        "online_store": {"type": "sqlite", "path": str(feast_dir / "online_store.db")},
+        "registry": str(feast_dir / REGISTRY_FILE),
+        "online_store": {"type": "sqlite", "path": str(feast_dir / ONLINE_STORE_FILE)},
         "offline_store": {"type": "file"},
         "entity_key_serialization_version": 3,
+        "materialization": {"online_write_batch_size": ONLINE_WRITE_BATCH_SIZE},
     }
-
-
-# File names of the store's state inside ``settings.feast_dir`` (and inside a published copy).
-REGISTRY_FILE = "registry.db"
-ONLINE_STORE_FILE = "online_store.db"
 
 
 def feature_refs() -> list[str]:
     """The feature service's references ``view:feature``, in the model's input order."""
     return [f"{FEATURE_VIEW}:{name}" for name in MODEL_FEATURES]
+
+
+def publish_snapshot(settings: Settings, uri: str) -> list[str]:
+    """Copy the registry and a consistent snapshot of the SQLite online store to ``uri``.
+
+    ``uri`` is a local folder or an s3:// prefix; returns the URIs written. Local files are
+    written beside their targets and renamed into place.
+    """
+    feast_dir = Path(settings.feast_dir)
+    registry, online = feast_dir / REGISTRY_FILE, feast_dir / ONLINE_STORE_FILE
+    for path in (registry, online):
+        if not path.exists():
+            raise SnapshotError(f"nothing to publish: {path} does not exist (run apply first)")
+    written = []
+    with tempfile.TemporaryDirectory(prefix="feast-publish-") as tmp:
+        snapshot = Path(tmp) / ONLINE_STORE_FILE
+        # SQLite's backup API copies a consistent state even if a writer is active.
+        with sqlite3.connect(online) as source, sqlite3.connect(snapshot) as target:
+            source.backup(target)
+        for name, path in ((REGISTRY_FILE, registry), (ONLINE_STORE_FILE, snapshot)):
+            destination = storage.join(uri, name)
+            if storage.is_s3(uri):
+                storage.upload(path, destination, settings)
+            else:
+                _copy_atomically(path, Path(destination))
+            written.append(destination)
+    log.info("published the feature store to %s", uri)
+    return written
+
+
+def fetch_snapshot(uri: str, settings: Settings) -> Path:
+    """Download a snapshot into ``settings.feast_dir``; returns that folder.
+
+    Both files are downloaded first and moved into place only when both arrived, so a failed
+    download never leaves a half-written or mismatched store behind.
+    """
+    feast_dir = Path(settings.feast_dir)
+    feast_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=feast_dir, prefix=".fetch-") as tmp:
+        for name in SNAPSHOT_FILES:
+            source = storage.join(uri, name)
+            try:
+                storage.download(source, Path(tmp) / name, settings)
+            except storage.StorageError as err:
+                raise SnapshotError(f"cannot fetch the Feast store snapshot file {source}: {err}") from err
+        for name in SNAPSHOT_FILES:
+            os.replace(Path(tmp) / name, feast_dir / name)
+    log.info("fetched the feature store snapshot %s into %s", uri, feast_dir)
+    return feast_dir
+
+
+def _copy_atomically(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,39 +1,56 @@
 """One typed settings object, read from environment variables with local defaults.
 
-No other module reads the environment. In a cluster the variables come from a ConfigMap and
-Secrets (wired by kfp-kubernetes); on a laptop the defaults put everything under ``FRAUD_HOME``.
+No other module reads the environment. Every field names its variable and where its value comes
+from in a cluster (``source``):
+
+* ``config``: the ConfigMap ``fraud-detection-config`` (``manifests/config/settings.env`` holds
+  the cluster's values; a test keeps that file's keys and these fields equal).
+* ``fraud-detection-s3`` / ``fraud-detection-registry``: those Secrets (credentials only).
+* ``local``: not in the ConfigMap: meaningful on one machine only (``FRAUD_HOME``, the local
+  server), set per pod by the pipeline (the served model version, the Feast snapshot), or read
+  at build/compile time (image names).
+
+Fields marked ``parameter`` are also parameters of the Kubeflow pipeline under the same name, so
+a run can change them; their defaults there are the cluster's values. On a laptop the defaults
+put everything under ``FRAUD_HOME``.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Callable, Mapping
+
+# Names of the cluster objects that carry the settings (manifests/config/kustomization.yaml
+# generates them; the pipeline, the SparkApplication and the InferenceService refer to them).
+CONFIG_MAP = "fraud-detection-config"
+S3_SECRET = "fraud-detection-s3"
+REGISTRY_SECRET = "fraud-detection-registry"
+CONFIG = "config"
+LOCAL = "local"
+SOURCES = (CONFIG, S3_SECRET, REGISTRY_SECRET, LOCAL)
+
+REGISTRY_BACKENDS = ("local", "kubeflow")
 
 
 class SettingsError(ValueError):
     """An environment variable holds a value that cannot be used."""
 
 
-def _float(env: Mapping[str, str], name: str, default: float) -> float:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not a number") from None
+def _setting(env: str, default: Any = "", source: str = CONFIG, parameter: bool = False) -> Any:
+    """A dataclass field read from the variable ``env``; ``default`` "" may be derived in from_env."""
+    if source not in SOURCES:
+        raise ValueError(f"unknown source {source!r}")
+    return field(default=default, metadata={"env": env, "source": source, "parameter": parameter})
 
 
-def _int(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
+def _parse(kind: Callable[[str], Any], name: str, raw: str) -> Any:
     try:
-        return int(raw)
+        return kind(raw)
     except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not an integer") from None
+        what = {int: "an integer", float: "a number"}.get(kind, "valid")
+        raise SettingsError(f"{name}={raw!r} is not {what}") from None
 
 
 @dataclass(frozen=True)
@@ -41,72 +58,91 @@ class Settings:
     """Everything a step needs to know about where things are and how good a model must be."""
 
     # Root of all local state of the embedded run (git-ignored).
-    home: Path
-    # Data root: a local path or s3://bucket/prefix. Raw CSVs live in <data_uri>/raw,
-    # prepared features in <data_uri>/prepared.
-    data_uri: str
+    home: Path = _setting("FRAUD_HOME", Path(".fraud-detection"), LOCAL)
+    # Data root: a local path or s3://bucket/prefix. Raw CSVs live in <data_uri>/raw; the CLI's
+    # prepare writes <data_uri>/prepared (pipeline runs write into their own artifacts).
+    data_uri: str = _setting("FRAUD_DATA_URI", parameter=True)
     # S3-compatible object store (MinIO in the cluster). Empty endpoint means AWS defaults.
-    s3_endpoint: str
-    s3_access_key: str
-    s3_secret_key: str
-    s3_region: str
+    s3_endpoint: str = _setting("S3_ENDPOINT_URL")
+    s3_access_key: str = _setting("AWS_ACCESS_KEY_ID", source=S3_SECRET)
+    s3_secret_key: str = _setting("AWS_SECRET_ACCESS_KEY", source=S3_SECRET)
+    s3_region: str = _setting("AWS_DEFAULT_REGION", "us-east-1")
     # Model registry: "local" (SQLite file) or "kubeflow" (Kubeflow Model Registry).
-    registry_backend: str
-    registry_uri: str
-    registry_port: int
-    registry_token: str
-    registry_author: str
-    model_name: str
+    registry_backend: str = _setting("FRAUD_REGISTRY_BACKEND", "local")
+    registry_uri: str = _setting("FRAUD_REGISTRY_URI")
+    registry_port: int = _setting("FRAUD_REGISTRY_PORT", 443)
+    registry_token: str = _setting("FRAUD_REGISTRY_TOKEN", source=REGISTRY_SECRET)
+    registry_author: str = _setting("FRAUD_REGISTRY_AUTHOR", "fraud-detection")
+    model_name: str = _setting("FRAUD_MODEL_NAME", "fraud-detection", parameter=True)
     # Where trained model artifacts are stored (local path or s3://...).
-    models_uri: str
+    models_uri: str = _setting("FRAUD_MODELS_URI")
     # Feast: where the feature store keeps its registry and online store.
-    feast_dir: str
+    feast_dir: str = _setting("FRAUD_FEAST_DIR")
     # Quality bar: a model whose test ROC-AUC is below this is not registered.
-    min_roc_auc: float
-    serve_host: str
-    serve_port: int
+    min_roc_auc: float = _setting("FRAUD_MIN_ROC_AUC", 0.95, parameter=True)
+    # Training run knobs (the rest of train.train.TrainConfig is the model's design, in code).
+    train_max_epochs: int = _setting("FRAUD_TRAIN_MAX_EPOCHS", 20)
+    train_seed: int = _setting("FRAUD_TRAIN_SEED", 42)
+    serve_host: str = _setting("FRAUD_SERVE_HOST", "127.0.0.1", LOCAL)
+    serve_port: int = _setting("FRAUD_SERVE_PORT", 8081, LOCAL)
     # Largest batch a predictor accepts in one request.
-    max_batch_size: int
-    log_level: str
+    max_batch_size: int = _setting("FRAUD_MAX_BATCH_SIZE", 1000)
+    log_level: str = _setting("FRAUD_LOG_LEVEL", "INFO")
     # Model version the predictor serves; empty: the newest version that passed the gate.
-    serve_model_version: str = ""
+    serve_model_version: str = _setting("FRAUD_SERVE_MODEL_VERSION", "", LOCAL)
     # A published Feast store snapshot (folder with registry.db and online_store.db, local or
     # s3://) that the predictor copies into ``feast_dir`` before opening the store; empty: none.
-    feast_snapshot_uri: str = ""
+    # The pipeline sets it on the predictor to its run's feature-store artifact.
+    feast_snapshot_uri: str = _setting("FRAUD_FEAST_SNAPSHOT_URI", "", LOCAL)
+    # Cluster: where the project's objects live and how large the Spark job is.
+    namespace: str = _setting("FRAUD_NAMESPACE", "fraud-detection", parameter=True)
+    service_name: str = _setting("FRAUD_SERVICE_NAME", "fraud-detection", parameter=True)
+    spark_driver_cores: int = _setting("FRAUD_SPARK_DRIVER_CORES", 1, parameter=True)
+    spark_driver_memory: str = _setting("FRAUD_SPARK_DRIVER_MEMORY", "2g", parameter=True)
+    spark_executor_instances: int = _setting("FRAUD_SPARK_EXECUTOR_INSTANCES", 2, parameter=True)
+    spark_executor_cores: int = _setting("FRAUD_SPARK_EXECUTOR_CORES", 1, parameter=True)
+    spark_executor_memory: str = _setting("FRAUD_SPARK_EXECUTOR_MEMORY", "2g", parameter=True)
+    spark_timeout_seconds: int = _setting("FRAUD_SPARK_TIMEOUT_SECONDS", 1800, parameter=True)
+    serve_timeout_seconds: int = _setting("FRAUD_SERVE_TIMEOUT_SECONDS", 600, parameter=True)
+    # Images: <image_registry>/<step>:<image_tag> (pipeline/images.py); read when compiling the
+    # pipeline and building images. The two launched images can be changed per run.
+    image_registry: str = _setting("FRAUD_IMAGE_REGISTRY", "quay.io/fraud-detection-blueprint", LOCAL)
+    image_tag: str = _setting("FRAUD_IMAGE_TAG", "0.1.0", LOCAL)
+    spark_image: str = _setting("FRAUD_SPARK_IMAGE", "", LOCAL, parameter=True)
+    predictor_image: str = _setting("FRAUD_PREDICTOR_IMAGE", "", LOCAL, parameter=True)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
         """Read settings from ``env`` (default: the process environment)."""
         env = os.environ if env is None else env
-        home = Path(env.get("FRAUD_HOME") or ".fraud-detection").expanduser().resolve()
-        backend = env.get("FRAUD_REGISTRY_BACKEND", "local")
-        if backend not in ("local", "kubeflow"):
+        values: dict[str, Any] = {}
+        for spec in fields(cls):
+            raw = env.get(spec.metadata["env"], "")
+            kind = type(spec.default)
+            if raw == "":
+                values[spec.name] = spec.default
+            elif kind in (int, float):
+                values[spec.name] = _parse(kind, spec.metadata["env"], raw)
+            else:
+                values[spec.name] = kind(raw)
+        home = Path(values["home"]).expanduser().resolve()
+        backend = values["registry_backend"]
+        if backend not in REGISTRY_BACKENDS:
             raise SettingsError(f"FRAUD_REGISTRY_BACKEND={backend!r}: use 'local' or 'kubeflow'")
-        default_registry = str(home / "registry.db") if backend == "local" else ""
-        data_uri = env.get("FRAUD_DATA_URI") or str(home / "data")
-        return cls(
-            home=home,
-            data_uri=data_uri.rstrip("/"),
-            s3_endpoint=env.get("S3_ENDPOINT_URL", ""),
-            s3_access_key=env.get("AWS_ACCESS_KEY_ID", ""),
-            s3_secret_key=env.get("AWS_SECRET_ACCESS_KEY", ""),
-            s3_region=env.get("AWS_DEFAULT_REGION", "us-east-1"),
-            registry_backend=backend,
-            registry_uri=env.get("FRAUD_REGISTRY_URI") or default_registry,
-            registry_port=_int(env, "FRAUD_REGISTRY_PORT", 443),
-            registry_token=env.get("FRAUD_REGISTRY_TOKEN", ""),
-            registry_author=env.get("FRAUD_REGISTRY_AUTHOR", "fraud-detection"),
-            model_name=env.get("FRAUD_MODEL_NAME", "fraud-detection"),
-            models_uri=(env.get("FRAUD_MODELS_URI") or str(home / "models")).rstrip("/"),
-            feast_dir=(env.get("FRAUD_FEAST_DIR") or str(home / "feast")).rstrip("/"),
-            min_roc_auc=_float(env, "FRAUD_MIN_ROC_AUC", 0.95),
-            serve_host=env.get("FRAUD_SERVE_HOST", "127.0.0.1"),
-            serve_port=_int(env, "FRAUD_SERVE_PORT", 8081),
-            max_batch_size=_int(env, "FRAUD_MAX_BATCH_SIZE", 1000),
-            log_level=env.get("FRAUD_LOG_LEVEL", "INFO"),
-            serve_model_version=env.get("FRAUD_SERVE_MODEL_VERSION", ""),
-            feast_snapshot_uri=env.get("FRAUD_FEAST_SNAPSHOT_URI", "").rstrip("/"),
-        )
+        derived = {
+            "home": home,
+            "data_uri": values["data_uri"] or str(home / "data"),
+            "registry_uri": values["registry_uri"] or (str(home / "registry.db") if backend == "local" else ""),
+            "models_uri": values["models_uri"] or str(home / "models"),
+            "feast_dir": values["feast_dir"] or str(home / "feast"),
+        }
+        values.update(derived)
+        for name in ("data_uri", "models_uri", "feast_dir", "feast_snapshot_uri"):
+            values[name] = values[name].rstrip("/")
+        registry, tag = values["image_registry"].rstrip("/"), values["image_tag"]
+        values["spark_image"] = values["spark_image"] or f"{registry}/data-preparation:{tag}"
+        values["predictor_image"] = values["predictor_image"] or f"{registry}/rest-predictor:{tag}"
+        return cls(**values)
 
     @property
     def raw_uri(self) -> str:
@@ -115,11 +151,11 @@ class Settings:
 
     @property
     def prepared_uri(self) -> str:
-        """Folder of the prepared Parquet written by data preparation."""
+        """Folder of the prepared Parquet written by ``fraud-detection prepare`` (the CLI)."""
         return f"{self.data_uri}/prepared"
 
     def with_overrides(self, **changes: object) -> "Settings":
-        """A copy with some fields changed (used by tests and the CLI's flags)."""
+        """A copy with some fields changed (used by tests, the CLI's flags and pipeline parameters)."""
         known = {f.name for f in fields(self)}
         unknown = set(changes) - known
         if unknown:
@@ -128,26 +164,48 @@ class Settings:
 
     def to_env(self) -> dict[str, str]:
         """The environment variables that reproduce these settings (for subprocesses)."""
-        return {
-            "FRAUD_HOME": str(self.home),
-            "FRAUD_DATA_URI": self.data_uri,
-            "S3_ENDPOINT_URL": self.s3_endpoint,
-            "AWS_ACCESS_KEY_ID": self.s3_access_key,
-            "AWS_SECRET_ACCESS_KEY": self.s3_secret_key,
-            "AWS_DEFAULT_REGION": self.s3_region,
-            "FRAUD_REGISTRY_BACKEND": self.registry_backend,
-            "FRAUD_REGISTRY_URI": self.registry_uri,
-            "FRAUD_REGISTRY_PORT": str(self.registry_port),
-            "FRAUD_REGISTRY_TOKEN": self.registry_token,
-            "FRAUD_REGISTRY_AUTHOR": self.registry_author,
-            "FRAUD_MODEL_NAME": self.model_name,
-            "FRAUD_MODELS_URI": self.models_uri,
-            "FRAUD_FEAST_DIR": self.feast_dir,
-            "FRAUD_MIN_ROC_AUC": repr(self.min_roc_auc),
-            "FRAUD_SERVE_HOST": self.serve_host,
-            "FRAUD_SERVE_PORT": str(self.serve_port),
-            "FRAUD_MAX_BATCH_SIZE": str(self.max_batch_size),
-            "FRAUD_LOG_LEVEL": self.log_level,
-            "FRAUD_SERVE_MODEL_VERSION": self.serve_model_version,
-            "FRAUD_FEAST_SNAPSHOT_URI": self.feast_snapshot_uri,
-        }
+        return {f.metadata["env"]: _text(getattr(self, f.name)) for f in fields(self)}
+
+
+def _text(value: object) -> str:
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def env_names(source: str | None = None) -> tuple[str, ...]:
+    """The variables of every setting, or of those whose cluster value comes from ``source``."""
+    return tuple(f.metadata["env"] for f in fields(Settings) if source in (None, f.metadata["source"]))
+
+
+def pipeline_parameters() -> tuple[str, ...]:
+    """The settings that are also pipeline parameters (same names as the fields)."""
+    return tuple(f.name for f in fields(Settings) if f.metadata["parameter"])
+
+
+def env_name(name: str) -> str:
+    """The variable of the setting ``name``."""
+    for spec in fields(Settings):
+        if spec.name == name:
+            return spec.metadata["env"]
+    raise SettingsError(f"unknown setting {name!r}")
+
+
+def read_env_file(path: Path | str) -> dict[str, str]:
+    """``KEY=value`` lines of a kustomize env file (``#`` comments and blank lines skipped)."""
+    values: dict[str, str] = {}
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep:
+            raise SettingsError(f"{path}:{number}: not KEY=value: {line!r}")
+        values[key.strip()] = value.strip()
+    return values
+
+
+def default_of(name: str) -> Any:
+    """The code default of the setting ``name`` (no environment read)."""
+    for spec in fields(Settings):
+        if spec.name == name and spec.default is not MISSING:
+            return spec.default
+    raise SettingsError(f"unknown setting {name!r}")

@@ -23,7 +23,7 @@ from types import ModuleType
 
 from fraud_common import storage
 from fraud_common.logs import get_logger, setup_logging
-from fraud_common.settings import Settings, SettingsError
+from fraud_common.settings import Settings, SettingsError, pipeline_parameters
 
 log = get_logger("fraud-detection")
 PIPELINE_FILE = Path(__file__).with_name("fraud-detection-e2e.py")
@@ -87,13 +87,31 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def latest_run(settings: Settings) -> Path | None:
+    """The folder of the newest local pipeline run, if any."""
+    runs = sorted((settings.home / "runs").glob("fraud-detection-e2e-*"), key=lambda p: p.stat().st_mtime)
+    return runs[-1] if runs else None
+
+
+def run_artifact_uri(run_dir: Path, step: str, name: str) -> str:
+    """The URI of output artifact ``name`` of ``step`` in a local run (from executor_output.json)."""
+    import json
+
+    output = json.loads((run_dir / step / "executor_output.json").read_text())
+    return output["artifacts"][name]["artifacts"][0]["uri"]
+
+
 def example_user(settings: Settings) -> str:
-    """A real user id with served features: the first user of the test split."""
+    """A real user id with served features: the first user of the test split of the latest run."""
     import pyarrow.dataset as ds
 
     from fraud_common.schemas import ENTITIES_DIR, ENTITY_KEY, SET_COLUMN
 
-    with storage.local_copy(storage.join(settings.prepared_uri, ENTITIES_DIR), settings) as path:
+    run = latest_run(settings)
+    prepared = run_artifact_uri(run, "prepare-data", "prepared") if run else settings.prepared_uri
+    if not storage.exists(storage.join(prepared, ENTITIES_DIR), settings):
+        return "user_0"
+    with storage.local_copy(storage.join(prepared, ENTITIES_DIR), settings) as path:
         table = ds.dataset(str(path), format="parquet").to_table(
             columns=[ENTITY_KEY], filter=ds.field(SET_COLUMN) == "test"
         )
@@ -133,13 +151,13 @@ def print_run_summary(settings: Settings, seconds: float) -> None:
     """What the run did: each step's duration, where the evaluation is, what was registered."""
     from fraud_common.registry import open_registry
 
-    runs = sorted((settings.home / "runs").glob("fraud-detection-e2e-*"), key=lambda p: p.stat().st_mtime)
+    run = latest_run(settings)
     version = open_registry(settings).get_version(settings.model_name)
     metrics = version.metadata.get("metrics", {})
     lines = [f"\nPipeline finished in {seconds:.0f}s (each step's own time; the rest is process start-up):"]
-    if runs:
-        lines += [f"  {step:<20} {took:7.1f}s" for step, took in step_durations(runs[-1]).items()]
-        lines.append(f"Evaluation (metrics.json, curves.png): {runs[-1] / 'train-model' / 'evaluation'}")
+    if run:
+        lines += [f"  {step:<20} {took:7.1f}s" for step, took in step_durations(run).items()]
+        lines.append(f"Evaluation (metrics.json, curves.png): {run / 'train-model' / 'evaluation'}")
     lines.append(
         f"Registered {version.model_name} version {version.version}: test ROC-AUC "
         f"{metrics.get('roc_auc', float('nan')):.4f}, PR-AUC {metrics.get('pr_auc', float('nan')):.4f}, "
@@ -161,12 +179,9 @@ def run_pipeline_locally(settings: Settings) -> float:
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(runs), raise_on_error=True)
     module = load_pipeline_module()
     started = time.monotonic()
-    module.fraud_detection_pipeline(
-        data_uri=settings.data_uri,
-        model_name=settings.model_name,
-        min_roc_auc=settings.min_roc_auc,
-        platform="local",
-    )
+    # Every pipeline parameter is a setting of the same name: this machine's values.
+    parameters = {name: getattr(settings, name) for name in pipeline_parameters()}
+    module.fraud_detection_pipeline(**parameters, platform="local")
     return time.monotonic() - started
 
 

@@ -2,11 +2,20 @@
 
 Each component body only translates KFP artifacts to and from the step's own functions, so the
 local run (kfp.local) and the cluster run execute the same implementation. Bodies import inside
-the function because KFP ships each function's source alone into its container.
+the function because KFP ships each function's source alone into its container; a step package
+is imported only inside the component that runs in that step's image.
+
+Artifacts carry the data: every output artifact's URI is where its data is (the prepared
+Parquet, the Feast store snapshot, the training set, the ONNX model, the registered version's
+record), with a summary in its metadata (rows, schema fingerprint, time range, duration) that
+the KFP UI shows. A step reads only its input artifacts (``.path``: kfp.local's local path, or
+the copy KFP's launcher downloads from S3 in a cluster); only the first step takes a data
+location, the raw CSVs under ``data_uri``.
 
 ``platform`` selects the form of the two cluster-only actions: ``kubernetes`` submits a
-SparkApplication and deploys an InferenceService; ``local`` runs Spark in-process and checks
-that the predictor can load the registered model (the CLI then serves it on localhost).
+SparkApplication (which writes straight to the artifact's S3 URI) and deploys an
+InferenceService; ``local`` runs Spark in-process and checks that the predictor loads the
+registered model with the run's store snapshot (the CLI then serves it on localhost).
 """
 
 
@@ -25,107 +34,95 @@ def prepare_data(
     data_uri: str,
     namespace: str,
     spark_image: str,
-    driver_cores: int,
-    driver_memory: str,
-    executor_instances: int,
-    executor_cores: int,
-    executor_memory: str,
-    timeout_seconds: int,
+    spark_driver_cores: int,
+    spark_driver_memory: str,
+    spark_executor_instances: int,
+    spark_executor_cores: int,
+    spark_executor_memory: str,
+    spark_timeout_seconds: int,
     run_id: str,
     prepared: Output[Dataset],
 ):
-    """Turn the raw CSVs into point-in-time features (Spark)."""
-    import json
-    import time
+    """Turn the raw CSVs under ``data_uri``/raw into point-in-time features (Spark) in ``prepared``."""
+    from fraud_common import schemas, storage
+    from fraud_common.artifacts import parquet_summary, pipeline_step, storage_uri
 
-    from fraud_common.logs import setup_logging
-    from fraud_common.settings import Settings
+    with pipeline_step(prepared, data_uri=data_uri.rstrip("/")) as settings:
+        if platform == "local":
+            from data_preparation.main import prepare
 
-    setup_logging()
-    started = time.monotonic()
-    settings = Settings.from_env().with_overrides(data_uri=data_uri.rstrip("/"))
-    if platform == "local":
-        from data_preparation.main import prepare
+            written = prepared.path
+            report = prepare(settings.raw_uri, written, settings)
+            details = {"users_without_history": report.users_without_history, "history_rows": report.history_rows}
+        else:
+            from pipeline.k8s import launch_spark_preparation
 
-        report = prepare(settings.raw_uri, settings.prepared_uri, settings)
-        details = {"rows_per_split": report.rows_per_split, "users_without_history": report.users_without_history}
-    else:
-        from pipeline.k8s import launch_spark_preparation
-
-        details = launch_spark_preparation(
-            settings=settings,
-            namespace=namespace,
-            image=spark_image,
-            run_id=run_id,
-            driver_cores=driver_cores,
-            driver_memory=driver_memory,
-            executor_instances=executor_instances,
-            executor_cores=executor_cores,
-            executor_memory=executor_memory,
-            timeout_seconds=timeout_seconds,
+            # Spark writes to the object store itself: straight into this artifact's location.
+            written = storage_uri(prepared.uri)
+            details = launch_spark_preparation(
+                settings, namespace, spark_image, run_id,
+                spark_driver_cores, spark_driver_memory,
+                spark_executor_instances, spark_executor_cores, spark_executor_memory,
+                spark_timeout_seconds, input_uri=settings.raw_uri, output_uri=written,
+            )
+        entities = parquet_summary(storage.join(written, schemas.ENTITIES_DIR), settings)
+        prepared.metadata.update(
+            {
+                **parquet_summary(storage.join(written, schemas.FEATURES_DIR), settings),
+                "entity_rows": entities["rows"],
+                "layout": f"{schemas.FEATURES_DIR}/ and {schemas.ENTITIES_DIR}/ Parquet folders",
+                "raw_uri": settings.raw_uri,
+                **details,
+            }
         )
-    prepared.metadata.update(
-        {"uri": settings.prepared_uri, "duration_seconds": round(time.monotonic() - started, 1), **details}
-    )
-    with open(prepared.path, "w") as handle:
-        json.dump(prepared.metadata, handle, indent=2, default=str)
 
 
 @dsl.component(base_image=image("feature-engineering"), **_COMMON)
 def feature_engineering(
-    platform: str,
-    data_uri: str,
     prepared: Input[Dataset],
     feature_store: Output[Artifact],
 ):
-    """Register the feature definitions with Feast and materialize them into the online store."""
-    import json
-    import time
+    """Apply the Feast definitions, materialize ``prepared`` online, publish the store as ``feature_store``."""
+    from fraud_common.artifacts import file_summary, pipeline_step
+    from fraud_common.feature_store import SNAPSHOT_FILES, publish_snapshot
+    from feature_engineering.feast_feature_engineering import apply_and_materialize
 
-    from fraud_common.logs import setup_logging
-    from fraud_common.settings import Settings
-    from feature_engineering.feast_feature_engineering import apply_and_materialize, publish_store
-
-    setup_logging()
-    started = time.monotonic()
-    settings = Settings.from_env().with_overrides(data_uri=data_uri.rstrip("/"))
-    report = apply_and_materialize(settings)
-    details = {**report.to_dict(), "rows_materialized": report.rows_in_window, "feast_dir": settings.feast_dir}
-    if platform != "local":
-        # The predictor pods read this snapshot; a production store would be Redis or Postgres.
-        publish_store(settings, settings.feast_snapshot_uri)
-        details["snapshot_uri"] = settings.feast_snapshot_uri
-    feature_store.metadata.update({**details, "duration_seconds": round(time.monotonic() - started, 1)})
-    with open(feature_store.path, "w") as handle:
-        json.dump(feature_store.metadata, handle, indent=2, default=str)
+    with pipeline_step(feature_store) as settings:
+        report = apply_and_materialize(settings, prepared_uri=prepared.path)
+        # The snapshot (registry + a consistent copy of the SQLite online store) is what later
+        # steps and the predictor pods read; a production store would be Redis or Postgres.
+        publish_snapshot(settings, feature_store.path)
+        feature_store.metadata.update(
+            {
+                **report.to_dict(),
+                "rows_materialized": report.rows_in_window,
+                "online_users": report.online_users_after,
+                **file_summary(feature_store.path, SNAPSHOT_FILES),
+            }
+        )
 
 
 @dsl.component(base_image=image("feature-engineering"), **_COMMON)
 def retrieve_features(
-    data_uri: str,
+    prepared: Input[Dataset],
     feature_store: Input[Artifact],
     training_set: Output[Dataset],
 ):
-    """Build the point-in-time training set with Feast's historical retrieval."""
-    import time
+    """Build the point-in-time training set with Feast's historical retrieval over the store's registry."""
+    import shutil
+    import tempfile
     from pathlib import Path
 
-    from fraud_common.logs import setup_logging
-    from fraud_common.settings import Settings
+    from fraud_common.artifacts import parquet_summary, pipeline_step
+    from fraud_common.feature_store import REGISTRY_FILE
     from feature_engineering.feast_feature_engineering import retrieve_training_data
 
-    setup_logging()
-    started = time.monotonic()
-    settings = Settings.from_env().with_overrides(data_uri=data_uri.rstrip("/"))
-    frame = retrieve_training_data(settings, out_path=Path(training_set.path))
-    training_set.metadata.update(
-        {
-            "rows": len(frame),
-            "rows_by_set": {str(k): int(v) for k, v in frame["set"].value_counts().items()},
-            "format": "parquet",
-            "duration_seconds": round(time.monotonic() - started, 1),
-        }
-    )
+    with tempfile.TemporaryDirectory(prefix="feast-registry-") as feast_dir:
+        with pipeline_step(training_set, feast_dir=feast_dir) as settings:
+            # Historical retrieval needs the registry only; a copy keeps the input artifact as it is.
+            shutil.copyfile(Path(feature_store.path) / REGISTRY_FILE, Path(feast_dir) / REGISTRY_FILE)
+            retrieve_training_data(settings, out_path=Path(training_set.path), prepared_uri=prepared.path)
+            training_set.metadata.update({**parquet_summary(training_set.path, settings), "format": "parquet"})
 
 
 @dsl.component(base_image=image("train"), **_COMMON)
@@ -139,17 +136,14 @@ def train_model(
     """Train the network and the reference, evaluate on the test split, export ONNX."""
     import shutil
     import tempfile
-    import time
     from pathlib import Path
 
-    from fraud_common.logs import setup_logging
-    from fraud_common.settings import Settings
-    from train.train import run_training
+    from fraud_common.artifacts import pipeline_step
+    from train.train import TrainConfig, run_training
 
-    setup_logging()
-    started = time.monotonic()
-    with tempfile.TemporaryDirectory() as tmp:
-        outcome = run_training(Path(training_set.path), Path(tmp) / "out", Settings.from_env())
+    with pipeline_step(model) as settings, tempfile.TemporaryDirectory() as tmp:
+        config = TrainConfig(max_epochs=settings.train_max_epochs, seed=settings.train_seed)
+        outcome = run_training(Path(training_set.path), Path(tmp) / "out", settings, config)
         shutil.copyfile(outcome.model_path, model.path)
         Path(evaluation.path).mkdir(parents=True, exist_ok=True)
         for produced in (outcome.metrics_path, outcome.curves_path, outcome.reliability_path):
@@ -161,14 +155,16 @@ def train_model(
     curve = outcome.roc_curve
     classification_metrics.log_roc_curve(curve["fpr"], curve["tpr"], curve["thresholds"])
     classification_metrics.log_confusion_matrix(outcome.confusion_categories, outcome.confusion_matrix)
+    evaluation.metadata.update({"files": sorted(p.name for p in Path(evaluation.path).iterdir())})
     model.metadata.update(
         {
             "format": "onnx",
+            "bytes": Path(model.path).stat().st_size,
             "threshold": outcome.threshold,
             "feature_names": list(outcome.feature_names),
             "data_fingerprint": outcome.data_fingerprint,
+            "training_rows": training_set.metadata.get("rows"),
             "metrics": {k: v for k, v in outcome.metrics.items() if isinstance(v, (int, float))},
-            "duration_seconds": round(time.monotonic() - started, 1),
         }
     )
 
@@ -182,33 +178,35 @@ def register_model(
     registered_model: Output[Artifact],
 ):
     """Check the quality gate, upload the ONNX file and record the version in the registry."""
-    import time
+    import json
 
-    from fraud_common.logs import setup_logging
-    from fraud_common.settings import Settings
+    from fraud_common.artifacts import pipeline_step
     from train.register import code_version, publish_model
 
-    setup_logging()
-    started = time.monotonic()
-    settings = Settings.from_env().with_overrides(model_name=model_name, min_roc_auc=min_roc_auc)
-    version = publish_model(
-        settings,
-        model_path=model.path,
-        metrics=model.metadata["metrics"],
-        threshold=float(model.metadata["threshold"]),
-        feature_names=list(model.metadata["feature_names"]),
-        data_fingerprint=str(model.metadata["data_fingerprint"]),
-        run_id=run_id,
-        code_version=code_version(),
-    )
-    registered_model.metadata.update(
-        {
+    with pipeline_step(registered_model, model_name=model_name, min_roc_auc=min_roc_auc) as settings:
+        version = publish_model(
+            settings,
+            model_path=model.path,
+            metrics=model.metadata["metrics"],
+            threshold=float(model.metadata["threshold"]),
+            feature_names=list(model.metadata["feature_names"]),
+            data_fingerprint=str(model.metadata["data_fingerprint"]),
+            run_id=run_id,
+            code_version=code_version(),
+        )
+        record = {
             "model_name": version.model_name,
             "model_version": version.version,
             "artifact_uri": version.artifact_uri,
-            "duration_seconds": round(time.monotonic() - started, 1),
+            "registry_backend": settings.registry_backend,
+            "registry_uri": settings.registry_uri,
+            "registered_model_id": version.registered_model_id,
+            "model_version_id": version.version_id,
         }
-    )
+        # The artifact is the registered version's record: which registry holds which version.
+        with open(registered_model.path, "w") as handle:
+            json.dump(record, handle, indent=2)
+        registered_model.metadata.update(record)
 
 
 @dsl.component(base_image=image("pipeline"), **_COMMON)
@@ -217,39 +215,39 @@ def serve(
     namespace: str,
     service_name: str,
     predictor_image: str,
-    timeout_seconds: int,
+    serve_timeout_seconds: int,
     registered_model: Input[Artifact],
+    feature_store: Input[Artifact],
     endpoint: Output[Artifact],
 ):
-    """Deploy (or roll) the predictor to the registered version."""
-    import time
+    """Deploy (or roll) the predictor to the registered version with the run's feature store snapshot."""
+    import json
+    import tempfile
 
-    from fraud_common.logs import setup_logging
-    from fraud_common.settings import Settings
+    from fraud_common.artifacts import pipeline_step, storage_uri
 
-    setup_logging()
-    started = time.monotonic()
-    settings = Settings.from_env()
     name = registered_model.metadata["model_name"]
     version = registered_model.metadata["model_version"]
-    if platform == "local":
-        from rest_predictor.predictor import check_loadable
+    snapshot = storage_uri(feature_store.uri)
+    with tempfile.TemporaryDirectory(prefix="feast-check-") as feast_dir, pipeline_step(endpoint) as settings:
+        if platform == "local":
+            from rest_predictor.predictor import check_loadable
 
-        check_loadable(settings.with_overrides(model_name=name, serve_model_version=version))
-        url = f"http://{settings.serve_host}:{settings.serve_port}"
-    else:
-        from pipeline.k8s import launch_inference_service
+            # What a predictor pod does: fetch the snapshot, open the store, load the model, probe.
+            check_loadable(settings.with_overrides(
+                model_name=name, serve_model_version=version, feast_snapshot_uri=snapshot, feast_dir=feast_dir
+            ))
+            url = f"http://{settings.serve_host}:{settings.serve_port}"
+        else:
+            from pipeline.k8s import launch_inference_service
 
-        url = launch_inference_service(
-            settings=settings,
-            namespace=namespace,
-            service_name=service_name,
-            image=predictor_image,
-            model_name=name,
-            model_version=version,
-            timeout_seconds=timeout_seconds,
-        )
-    endpoint.metadata.update(
-        {"url": url, "model_name": name, "model_version": version,
-         "duration_seconds": round(time.monotonic() - started, 1)}
-    )
+            url = launch_inference_service(
+                settings, namespace, service_name, predictor_image, name, version, serve_timeout_seconds,
+                feast_snapshot_uri=snapshot,
+                registered_model_id=registered_model.metadata.get("registered_model_id", ""),
+                model_version_id=registered_model.metadata.get("model_version_id", ""),
+            )
+        record = {"url": url, "model_name": name, "model_version": version, "feast_snapshot_uri": snapshot}
+        with open(endpoint.path, "w") as handle:
+            json.dump(record, handle, indent=2)
+        endpoint.metadata.update(record)

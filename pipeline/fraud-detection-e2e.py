@@ -22,78 +22,79 @@ from pipeline.components import (  # noqa: E402
     serve,
     train_model,
 )
+from fraud_common.settings import (  # noqa: E402
+    CONFIG,
+    CONFIG_MAP,
+    REGISTRY_SECRET,
+    S3_SECRET,
+    Settings,
+    env_names,
+    read_env_file,
+)
 from pipeline.images import image  # noqa: E402
 
 PIPELINE_NAME = "fraud-detection-e2e"
-CONFIG_MAP = "fraud-detection-config"
-S3_SECRET = "fraud-detection-s3"
-REGISTRY_SECRET = "fraud-detection-registry"
-# Settings every step reads (fraud_common.settings); values come from the ConfigMap.
-CONFIG_KEYS = (
-    "S3_ENDPOINT_URL",
-    "AWS_DEFAULT_REGION",
-    "FRAUD_REGISTRY_BACKEND",
-    "FRAUD_REGISTRY_URI",
-    "FRAUD_REGISTRY_PORT",
-    "FRAUD_MODELS_URI",
-    "FRAUD_FEAST_DIR",
-    "FRAUD_FEAST_SNAPSHOT_URI",
+# The cluster's settings: the ConfigMap's values. The pipeline's parameters default to them.
+SETTINGS_ENV = Path(__file__).resolve().parents[1] / "manifests" / "config" / "settings.env"
+CLUSTER = Settings.from_env(read_env_file(SETTINGS_ENV)).with_overrides(
+    spark_image=image("data-preparation"), predictor_image=image("rest-predictor")
 )
+# Settings every step reads (fraud_common.settings); values come from the ConfigMap.
+CONFIG_KEYS = env_names(CONFIG)
 
 
 def _wire_settings(task: dsl.PipelineTask, needs_registry: bool = False) -> dsl.PipelineTask:
     """Give a step its settings from the ConfigMap and its credentials from Secrets."""
     kubernetes.use_config_map_as_env(task, CONFIG_MAP, {key: key for key in CONFIG_KEYS})
-    kubernetes.use_secret_as_env(
-        task, S3_SECRET, {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
-    )
+    kubernetes.use_secret_as_env(task, S3_SECRET, {key: key for key in env_names(S3_SECRET)})
     if needs_registry:
-        kubernetes.use_secret_as_env(task, REGISTRY_SECRET, {"FRAUD_REGISTRY_TOKEN": "FRAUD_REGISTRY_TOKEN"})
+        kubernetes.use_secret_as_env(task, REGISTRY_SECRET, {key: key for key in env_names(REGISTRY_SECRET)})
     return task
 
 
 @dsl.pipeline(name=PIPELINE_NAME, description="Card-fraud scoring: Spark features, Feast, Keras→ONNX, registry, KServe.")
 def fraud_detection_pipeline(
-    data_uri: str = "s3://fraud-detection/data",
-    namespace: str = "fraud-detection",
-    model_name: str = "fraud-detection",
-    min_roc_auc: float = 0.95,
+    data_uri: str = CLUSTER.data_uri,
+    namespace: str = CLUSTER.namespace,
+    model_name: str = CLUSTER.model_name,
+    min_roc_auc: float = CLUSTER.min_roc_auc,
     platform: str = "kubernetes",
-    spark_image: str = image("data-preparation"),
-    predictor_image: str = image("rest-predictor"),
-    service_name: str = "fraud-detection",
-    spark_driver_cores: int = 1,
-    spark_driver_memory: str = "2g",
-    spark_executor_instances: int = 2,
-    spark_executor_cores: int = 1,
-    spark_executor_memory: str = "2g",
-    spark_timeout_seconds: int = 1800,
-    serve_timeout_seconds: int = 600,
+    spark_image: str = CLUSTER.spark_image,
+    predictor_image: str = CLUSTER.predictor_image,
+    service_name: str = CLUSTER.service_name,
+    spark_driver_cores: int = CLUSTER.spark_driver_cores,
+    spark_driver_memory: str = CLUSTER.spark_driver_memory,
+    spark_executor_instances: int = CLUSTER.spark_executor_instances,
+    spark_executor_cores: int = CLUSTER.spark_executor_cores,
+    spark_executor_memory: str = CLUSTER.spark_executor_memory,
+    spark_timeout_seconds: int = CLUSTER.spark_timeout_seconds,
+    serve_timeout_seconds: int = CLUSTER.serve_timeout_seconds,
 ) -> None:
-    """Prepare → features → training set → train → register → serve, with typed artifacts between."""
+    """Prepare → features → training set → train → register → serve; the data flows in typed artifacts.
+
+    Every parameter but ``platform`` is a setting of the same name (fraud_common.settings).
+    """
     prepared = _wire_settings(
         prepare_data(
             platform=platform,
             data_uri=data_uri,
             namespace=namespace,
             spark_image=spark_image,
-            driver_cores=spark_driver_cores,
-            driver_memory=spark_driver_memory,
-            executor_instances=spark_executor_instances,
-            executor_cores=spark_executor_cores,
-            executor_memory=spark_executor_memory,
-            timeout_seconds=spark_timeout_seconds,
+            spark_driver_cores=spark_driver_cores,
+            spark_driver_memory=spark_driver_memory,
+            spark_executor_instances=spark_executor_instances,
+            spark_executor_cores=spark_executor_cores,
+            spark_executor_memory=spark_executor_memory,
+            spark_timeout_seconds=spark_timeout_seconds,
             run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
         ).set_display_name("prepare data (Spark)")
     )
     features = _wire_settings(
-        feature_engineering(
-            platform=platform, data_uri=data_uri, prepared=prepared.outputs["prepared"]
-        ).set_display_name("feature store (Feast)")
+        feature_engineering(prepared=prepared.outputs["prepared"]).set_display_name("feature store (Feast)")
     )
     training_set = _wire_settings(
         retrieve_features(
-            data_uri=data_uri, feature_store=features.outputs["feature_store"]
+            prepared=prepared.outputs["prepared"], feature_store=features.outputs["feature_store"]
         ).set_display_name("retrieve training set")
     )
     trained = _wire_settings(
@@ -115,8 +116,9 @@ def fraud_detection_pipeline(
             namespace=namespace,
             service_name=service_name,
             predictor_image=predictor_image,
-            timeout_seconds=serve_timeout_seconds,
+            serve_timeout_seconds=serve_timeout_seconds,
             registered_model=registered.outputs["registered_model"],
+            feature_store=features.outputs["feature_store"],
         ).set_display_name("serve (KServe)"),
         needs_registry=True,
     )

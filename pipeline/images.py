@@ -1,20 +1,24 @@
 """The one place container image references come from.
 
-Every image is ``<REGISTRY>/<step>:<tag>``. ``build_images.sh`` builds the same names (it reads
-``STEPS`` and the defaults below through ``python -m pipeline.images``), the pipeline's
-components use them as base images, and the SparkApplication / InferenceService launched by the
-pipeline default to them. To use your own registry, change ``REGISTRY``/``TAG`` here and
-recompile, or pass ``spark_image`` / ``predictor_image`` as pipeline parameters at run time.
+Every image is ``<registry>/<step>:<tag>``, registry and tag from the settings
+(``FRAUD_IMAGE_REGISTRY``, ``FRAUD_IMAGE_TAG``; defaults in ``fraud_common.settings``).
+``build_images.sh`` builds the same names (it reads ``STEPS`` and ``REGISTRY``/``TAG`` here), the
+pipeline's components use them as base images, and the SparkApplication / InferenceService
+launched by the pipeline default to them. To use your own registry, set the two variables when
+building and compiling, or pass ``spark_image`` / ``predictor_image`` as pipeline parameters.
 """
 
 from __future__ import annotations
 
 import sys
 
-# Default registry and namespace of the project's images.
-REGISTRY = "quay.io/fraud-detection-blueprint"
+from fraud_common.settings import Settings
+
+_SETTINGS = Settings.from_env()
+# Registry and namespace of the project's images.
+REGISTRY = _SETTINGS.image_registry
 # One tag for the whole set: images built together are used together.
-TAG = "0.1.0"
+TAG = _SETTINGS.image_tag
 
 # Step name (as used in image names) -> folder holding its Containerfile.
 STEPS: dict[str, str] = {

@@ -30,14 +30,14 @@ from urllib.parse import urlparse
 from kubernetes.client.exceptions import ApiException
 
 from fraud_common.logs import get_logger
+from fraud_common.settings import CONFIG_MAP, REGISTRY_SECRET, S3_SECRET, default_of  # noqa: F401 - re-exported
+from fraud_common.spark_s3 import s3a_conf
 
 _log = get_logger(__name__)
 
 PROJECT = "fraud-detection"
-NAMESPACE = "fraud-detection"
-CONFIG_MAP = "fraud-detection-config"
-S3_SECRET = "fraud-detection-s3"
-REGISTRY_SECRET = "fraud-detection-registry"
+# The project namespace is a setting (FRAUD_NAMESPACE); this is its default, which the manifests use.
+NAMESPACE = default_of("namespace")
 PIPELINE_SERVICE_ACCOUNT = "fraud-detection-pipeline"
 SPARK_SERVICE_ACCOUNT = "fraud-detection-spark"
 PREDICTOR_SERVICE_ACCOUNT = "fraud-detection-predictor"
@@ -128,27 +128,6 @@ def env_sources(
     return sources
 
 
-def s3a_spark_conf(s3_endpoint: str) -> dict[str, str]:
-    """Hadoop s3a settings for an S3-compatible store; keys come from the pods' env, never here."""
-    conf = {
-        "spark.hadoop.fs.s3a.impl": "org.apache.hadoop.fs.s3a.S3AFileSystem",
-        # s3:// URIs (the project's own spelling) go through s3a as well.
-        "spark.hadoop.fs.s3.impl": "org.apache.hadoop.fs.s3a.S3AFileSystem",
-        # AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY from the Secret mounted with envFrom.
-        "spark.hadoop.fs.s3a.aws.credentials.provider": (
-            "software.amazon.awssdk.auth.credentials.EnvironmentVariableCredentialsProvider"
-        ),
-        # Ivy's default cache is under $HOME, which a non-root image may not have writable.
-        "spark.jars.ivy": "/tmp/.ivy2",
-    }
-    if s3_endpoint:
-        conf["spark.hadoop.fs.s3a.endpoint"] = s3_endpoint
-        # MinIO and most S3-compatible stores need path-style addressing.
-        conf["spark.hadoop.fs.s3a.path.style.access"] = "true"
-        conf["spark.hadoop.fs.s3a.connection.ssl.enabled"] = str(s3_endpoint.startswith("https://")).lower()
-    return conf
-
-
 def _env_list(env: Mapping[str, str] | None) -> list[dict[str, str]]:
     return [{"name": key, "value": str(value)} for key, value in sorted((env or {}).items())]
 
@@ -176,6 +155,7 @@ def spark_application(
     env_from: list[dict[str, Any]] | None = None,
     env: Mapping[str, str] | None = None,
     s3_endpoint: str = "",
+    s3_region: str = "",
     ttl_seconds_after_finished: int = 3600,
     spark_version: str = SPARK_VERSION,
     labels: Mapping[str, str] | None = None,
@@ -212,7 +192,8 @@ def spark_application(
             "mainApplicationFile": main_application_file,
             "arguments": [str(a) for a in arguments],
             "sparkVersion": spark_version,
-            "sparkConf": s3a_spark_conf(s3_endpoint),
+            # Ivy's default cache is under $HOME, which a non-root image may not have writable.
+            "sparkConf": {**s3a_conf(s3_endpoint, s3_region), "spark.jars.ivy": "/tmp/.ivy2"},
             # Retries belong to the pipeline step, not to the operator: fail once, report why.
             "restartPolicy": {"type": "Never"},
             "timeToLiveSeconds": int(ttl_seconds_after_finished),
@@ -645,9 +626,15 @@ def launch_spark_preparation(
     timeout_seconds: int,
     api: Any = None,
     core_api: Any = None,
+    input_uri: str | None = None,
+    output_uri: str | None = None,
     **wait_options: Any,
 ) -> dict[str, Any]:
-    """Run data preparation as a SparkApplication named after the run; return what to record."""
+    """Run data preparation as a SparkApplication named after the run; return what to record.
+
+    Spark reads ``input_uri`` and writes ``output_uri`` (defaults: the settings' raw and
+    prepared folders; the pipeline passes its output artifact's URI).
+    """
     if api is None:
         api, core_api = kubernetes_apis()
     name = kubernetes_name("prepare", run_id)
@@ -656,7 +643,7 @@ def launch_spark_preparation(
         namespace=namespace,
         image=image,
         main_application_file=SPARK_MAIN_FILE,
-        arguments=["--input", settings.raw_uri, "--output", settings.prepared_uri],
+        arguments=["--input", input_uri or settings.raw_uri, "--output", output_uri or settings.prepared_uri],
         driver_cores=driver_cores,
         driver_memory=driver_memory,
         executor_instances=executor_instances,
@@ -665,6 +652,7 @@ def launch_spark_preparation(
         # The run's data root wins over the ConfigMap's default.
         env={"FRAUD_DATA_URI": settings.data_uri},
         s3_endpoint=settings.s3_endpoint,
+        s3_region=settings.s3_region,
         labels={"fraud-detection.io/run-id": kubernetes_name(run_id, max_length=63)},
     )
     status = run_spark_application(api, body, timeout_seconds, core_api=core_api, **wait_options)

@@ -24,7 +24,7 @@ from feast import FeatureStore, RepoConfig
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 
-from fraud_common import storage
+from fraud_common import feature_store
 from fraud_common.feature_store import ENTITY_NAME, FEATURE_SERVICE, store_config
 from fraud_common.logs import get_logger
 from fraud_common.settings import Settings
@@ -32,33 +32,15 @@ from rest_predictor.errors import FeatureDataError, PredictorLoadError
 
 log = get_logger(__name__)
 
-SNAPSHOT_FILES = ("registry.db", "online_store.db")
-
 
 def fetch_snapshot(settings: Settings) -> None:
-    """Copy a published store snapshot (registry.db, online_store.db) into ``settings.feast_dir``.
-
-    Both files are downloaded beside their targets first and renamed into place only when both
-    arrived, so a failed download never leaves a half-written or mismatched store behind.
-    """
+    """Copy the published store snapshot ``settings.feast_snapshot_uri`` (if any) into ``feast_dir``."""
     if not settings.feast_snapshot_uri:
         return
-    target_dir = Path(settings.feast_dir)
-    target_dir.mkdir(parents=True, exist_ok=True)
-    partials = {name: target_dir / f".{name}.partial" for name in SNAPSHOT_FILES}
     try:
-        for name, partial in partials.items():
-            uri = storage.join(settings.feast_snapshot_uri, name)
-            try:
-                storage.download(uri, partial, settings)
-            except storage.StorageError as err:
-                raise PredictorLoadError(f"cannot fetch the Feast store snapshot file {uri}: {err}") from err
-        for name, partial in partials.items():
-            partial.replace(target_dir / name)
-    finally:
-        for partial in partials.values():
-            partial.unlink(missing_ok=True)
-    log.info("fetched Feast store snapshot %s into %s", settings.feast_snapshot_uri, target_dir)
+        feature_store.fetch_snapshot(settings.feast_snapshot_uri, settings)
+    except feature_store.SnapshotError as err:
+        raise PredictorLoadError(str(err)) from err
 
 
 FEATURE_READS = ("auto", "public", "provider")

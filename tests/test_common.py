@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from fraud_common import storage
+from fraud_common import schemas, storage
+from fraud_common.artifacts import parquet_summary, storage_uri
 from fraud_common.schemas import MODEL_FEATURES, PREPARED_COLUMNS
+from fraud_common.spark_s3 import s3a_conf
 from fraud_common.settings import Settings, SettingsError
 
 
@@ -25,7 +27,13 @@ def test_settings_round_trip_through_env(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("FRAUD_MIN_ROC_AUC", "high"), ("FRAUD_SERVE_PORT", "80.5"), ("FRAUD_REGISTRY_BACKEND", "mlflow")],
+    [
+        ("FRAUD_MIN_ROC_AUC", "high"),
+        ("FRAUD_SERVE_PORT", "80.5"),
+        ("FRAUD_REGISTRY_BACKEND", "mlflow"),
+        ("FRAUD_SPARK_DRIVER_CORES", "two"),
+        ("FRAUD_TRAIN_MAX_EPOCHS", "1e3"),
+    ],
 )
 def test_settings_reject_bad_values_naming_the_variable(name: str, value: str) -> None:
     with pytest.raises(SettingsError, match=name):
@@ -68,3 +76,63 @@ def test_reading_a_missing_object_names_it(s3_settings: Settings) -> None:
     storage.ensure_bucket(storage.split_s3(uri)[0], s3_settings)
     with pytest.raises(storage.StorageError, match="missing.bin"):
         storage.read_bytes(uri, s3_settings)
+
+
+def test_settings_derive_image_names_from_registry_and_tag() -> None:
+    s = Settings.from_env({"FRAUD_IMAGE_REGISTRY": "registry.example/me/", "FRAUD_IMAGE_TAG": "1.2"})
+    assert s.spark_image == "registry.example/me/data-preparation:1.2"
+    assert s.predictor_image == "registry.example/me/rest-predictor:1.2"
+    assert Settings.from_env({"FRAUD_SPARK_IMAGE": "mine:1"}).spark_image == "mine:1"
+
+
+def test_spark_s3_settings_never_carry_keys() -> None:
+    conf = s3a_conf("https://s3.example:9000", "eu-west-1")
+    assert conf["spark.hadoop.fs.s3a.connection.ssl.enabled"] == "true"
+    assert conf["spark.hadoop.fs.s3a.endpoint.region"] == "eu-west-1"
+    assert conf["spark.hadoop.fs.s3a.aws.credentials.provider"].endswith("EnvironmentVariableCredentialsProvider")
+    assert conf["spark.hadoop.fs.s3a.input.stream.type"] == "classic"
+    assert not [key for key in conf if key.endswith(("access.key", "secret.key"))]
+    assert "spark.hadoop.fs.s3a.endpoint" not in s3a_conf("")
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [("/runs/a/prepared", "/runs/a/prepared"), ("s3://b/k", "s3://b/k"), ("minio://mlpipeline/v2/x", "s3://mlpipeline/v2/x")],
+)
+def test_artifact_uris_map_to_storage_uris(uri: str, expected: str) -> None:
+    assert storage_uri(uri) == expected
+
+
+def test_unsupported_artifact_uri_is_named() -> None:
+    with pytest.raises(storage.StorageError, match="gs://b/k"):
+        storage_uri("gs://b/k")
+
+
+def _prepared_frame():  # noqa: ANN202 - a pandas DataFrame
+    import pandas as pd
+
+    return pd.DataFrame(
+        {
+            schemas.ENTITY_KEY: ["user_0", "user_1", "user_2"],
+            schemas.SET_COLUMN: ["train", "train", "test"],
+            schemas.EVENT_TIMESTAMP: pd.to_datetime(["2025-05-01", "2025-06-01", "2025-05-15"], utc=True),
+        }
+    )
+
+
+def test_parquet_summary_counts_rows_sets_and_time_range(tmp_path: Path, s3_settings: Settings) -> None:
+    frame = _prepared_frame()
+    local = tmp_path / "features"
+    local.mkdir()
+    frame.iloc[:2].to_parquet(local / "part-0.parquet", index=False)
+    frame.iloc[2:].to_parquet(local / "part-1.parquet", index=False)
+    (local / "_SUCCESS").write_bytes(b"")
+    summary = parquet_summary(str(local), s3_settings)
+    assert summary["rows"] == 3 and summary["rows_by_set"] == {"train": 2, "test": 1}
+    assert (summary["time_min"], summary["time_max"]) == ("2025-05-01T00:00:00+00:00", "2025-06-01T00:00:00+00:00")
+    remote = storage.join(s3_settings.data_uri, "summary", "features")
+    storage.upload(local, remote, s3_settings)
+    assert parquet_summary(remote, s3_settings) == summary
+    renamed = frame.rename(columns={schemas.SET_COLUMN: "split"})
+    renamed.to_parquet(tmp_path / "other.parquet", index=False)
+    assert parquet_summary(str(tmp_path / "other.parquet"), s3_settings)["schema_fingerprint"] != summary["schema_fingerprint"]

@@ -24,6 +24,7 @@ import requests
 from fraud_common.registry import open_registry
 from fraud_common.schemas import FEATURES_DIR, MODEL_FEATURES
 from fraud_common.settings import Settings
+from pipeline import cli
 
 from conftest import free_port
 
@@ -82,6 +83,46 @@ def server(first_run: subprocess.CompletedProcess, env: dict[str, str]) -> Itera
         proc.kill()
 
 
+def test_every_artifact_of_the_run_holds_its_data(first_run: subprocess.CompletedProcess, env: dict[str, str]) -> None:
+    """kfp.local's executor outputs: each artifact's URI is a real path holding its data, with metadata."""
+    import onnx
+    import pandas as pd
+
+    from fraud_common.schemas import ENTITIES_DIR
+
+    settings = Settings.from_env(env)
+    run = min((settings.home / "runs").glob("fraud-detection-e2e-*"), key=lambda p: p.stat().st_mtime)
+    outputs = {}
+    for step in cli.STEP_ORDER:
+        produced = json.loads((run / step / "executor_output.json").read_text())["artifacts"]
+        outputs |= {name: entry["artifacts"][0] for name, entry in produced.items()}
+        durations = [a["artifacts"][0]["metadata"].get("duration_seconds") for a in produced.values()]
+        assert any(d is not None for d in durations), f"{step} records no duration_seconds"
+        for name, entry in produced.items():
+            uri = Path(entry["artifacts"][0]["uri"])
+            assert uri.is_relative_to(run / step), (name, uri)
+            assert entry["artifacts"][0]["metadata"], f"{step}.{name} has no metadata"
+            if name not in ("metrics", "classification_metrics"):  # KFP keeps those in metadata only
+                assert uri.is_file() or any(uri.iterdir()), f"{step}.{name}: nothing at {uri}"
+
+    prepared, meta = Path(outputs["prepared"]["uri"]), outputs["prepared"]["metadata"]
+    features = pd.read_parquet(prepared / FEATURES_DIR)
+    assert meta["rows"] == len(features) == USERS == meta["entity_rows"] == len(pd.read_parquet(prepared / ENTITIES_DIR))
+    assert sum(meta["rows_by_set"].values()) == USERS and meta["schema_fingerprint"]
+    assert meta["time_min"] <= meta["time_max"]
+    store = Path(outputs["feature_store"]["uri"])
+    assert {p.name for p in store.iterdir()} >= {"registry.db", "online_store.db"}
+    assert outputs["feature_store"]["metadata"]["online_users"] == USERS
+    training_set = outputs["training_set"]
+    assert len(pd.read_parquet(training_set["uri"])) == training_set["metadata"]["rows"] == USERS
+    onnx.checker.check_model(onnx.load(outputs["model"]["uri"]))
+    registered = json.loads(Path(outputs["registered_model"]["uri"]).read_text())
+    versions = open_registry(settings).list_versions(settings.model_name)
+    assert registered["model_version"] == versions[0].version
+    endpoint = json.loads(Path(outputs["endpoint"]["uri"]).read_text())
+    assert endpoint["feast_snapshot_uri"] == str(store)
+
+
 def _predict(url: str, body: object) -> requests.Response:
     data = body if isinstance(body, str) else json.dumps(body)
     return requests.post(f"{url}/v1/models/onnx-model:predict", data=data, timeout=10)
@@ -109,7 +150,8 @@ def test_served_scores_equal_offline_scores(server: dict, env: dict[str, str]) -
     settings = Settings.from_env(env)
     version = open_registry(settings).get_version(settings.model_name)
     session = ort.InferenceSession(version.artifact_uri, providers=["CPUExecutionProvider"])
-    offline = pd.read_parquet(Path(settings.prepared_uri) / FEATURES_DIR).sort_values("user_id").head(40)
+    prepared = cli.run_artifact_uri(cli.latest_run(settings), "prepare-data", "prepared")
+    offline = pd.read_parquet(Path(prepared) / FEATURES_DIR).sort_values("user_id").head(40)
     expected = session.run(None, {session.get_inputs()[0].name: offline[list(MODEL_FEATURES)].astype("float32").to_numpy()})[0]
     for user, score in zip(offline["user_id"], expected[:, 0]):
         answer = _predict(server["url"], {"user_id": user}).json()

@@ -12,7 +12,15 @@ import pytest
 
 from feature_engineering import feast_feature_engineering as fe
 from fraud_common import schemas, storage
-from fraud_common.feature_store import FEATURE_SERVICE, FEATURE_VIEW, feature_refs
+from fraud_common.feature_store import (
+    FEATURE_SERVICE,
+    FEATURE_VIEW,
+    SnapshotError,
+    feature_refs,
+    fetch_snapshot,
+    publish_snapshot,
+    store_config,
+)
 from fraud_common.settings import Settings
 from helpers import feature_rows
 
@@ -163,10 +171,44 @@ def test_rows_without_features_fail_or_are_dropped(tiny_store, tmp_path: Path) -
 def test_publish_and_fetch_round_trip(tiny_store, tmp_path: Path) -> None:
     settings, features, _ = tiny_store
     users = sorted(features[schemas.ENTITY_KEY].unique())
-    fe.publish_store(settings, str(tmp_path / "published"))
+    publish_snapshot(settings, str(tmp_path / "published"))
     reader = Settings.from_env({"FRAUD_HOME": str(tmp_path / "reader")})
-    fe.fetch_store(str(tmp_path / "published"), reader)
+    fetch_snapshot(str(tmp_path / "published"), reader)
     assert online_values(reader, users) == online_values(settings, users)
+
+
+def test_fetching_an_incomplete_snapshot_changes_nothing(tiny_store, tmp_path: Path) -> None:
+    settings, _, _ = tiny_store
+    published = tmp_path / "published"
+    publish_snapshot(settings, str(published))
+    (published / "online_store.db").unlink()
+    reader = Settings.from_env({"FRAUD_HOME": str(tmp_path / "reader")})
+    with pytest.raises(SnapshotError, match="online_store.db"):
+        fetch_snapshot(str(published), reader)
+    assert sorted(p.name for p in Path(reader.feast_dir).iterdir()) == []
+
+
+def test_feast_cli_config_is_derived_from_store_config() -> None:
+    """feature_store.yaml (the Feast CLI's) is store_config with the repository's default state folder."""
+    import yaml
+
+    committed = yaml.safe_load((Path(fe.__file__).parent / "feature_repo" / "feature_store.yaml").read_text())
+    default = Settings.from_env({}).with_overrides(feast_dir="../../.fraud-detection/feast")
+    assert committed == store_config(default)
+    assert yaml.safe_load(fe.feature_store_yaml(default)) == committed
+
+
+def test_prepared_folder_can_be_named_explicitly(tmp_path: Path) -> None:
+    """The pipeline passes its input artifact's folder; nothing is read from the settings' data root."""
+    settings = Settings.from_env({"FRAUD_HOME": str(tmp_path / "home")})
+    features, entities = tiny_prepared()
+    artifact = tmp_path / "run" / "prepare-data" / "prepared"
+    write_prepared(str(artifact.parent), features, entities, settings)  # writes <root>/prepared/...
+    report = fe.apply_and_materialize(settings, end_date=END, prepared_uri=str(artifact))
+    assert report.rows_in_window == len(features)
+    frame = fe.retrieve_training_data(settings, missing="drop", prepared_uri=str(artifact))
+    assert len(frame) == len(entities) - 1
+    assert not Path(settings.prepared_uri).exists()
 
 
 def test_changed_source_is_materialized_again(settings: Settings) -> None:
@@ -203,9 +245,9 @@ def test_s3_data_root(s3_settings: Settings, tmp_path: Path) -> None:
     frame = fe.retrieve_training_data(s3_settings, missing="drop")
     assert len(frame) == len(entities) - 1
     published = storage.join(s3_settings.data_uri, "feast")
-    fe.publish_store(s3_settings, published)
+    publish_snapshot(s3_settings, published)
     reader = s3_settings.with_overrides(feast_dir=str(tmp_path / "reader"))
-    fe.fetch_store(published, reader)
+    fetch_snapshot(published, reader)
     online = online_values(reader, ["user_pit"])
     assert online[schemas.FLOAT_COLUMNS[0]] == [latest_rows(features).loc["user_pit", schemas.FLOAT_COLUMNS[0]]]
 

@@ -1,8 +1,9 @@
 """Feast definitions of the fraud feature store: one entity, one source, one view, one service.
 
-`feast apply` (the CLI, run with this folder as repo) picks up the module-level objects built from
-the environment's settings; the pipeline calls ``build_definitions(settings)`` instead, so every
-path comes from ``fraud_common.settings.Settings``.
+The one definition of the store's objects: `feast apply` (the CLI, run with this folder as repo)
+picks up the module-level objects built from the environment's settings; the feature step, the
+tests and the benches call ``build_definitions(settings, path)`` with the prepared features'
+folder instead, so every path comes from ``fraud_common.settings.Settings`` or an artifact.
 """
 
 from __future__ import annotations
@@ -33,16 +34,18 @@ FEATURE_TYPES: dict[str, PrimitiveFeastType] = {
 FEATURE_TTL = timedelta(0)
 
 
-def source_path(settings: Settings) -> str:
-    """Where Feast's file source reads the prepared features.
+def source_path(settings: Settings, prepared_uri: str | None = None) -> str:
+    """Where Feast's file source reads the prepared features of ``prepared_uri``.
 
-    A local data root is read in place. For an s3:// root the runner first copies the Parquet
-    to ``<feast_dir>/offline/features``: Feast's file offline store reads through dask/fsspec,
-    which needs s3fs, and s3fs cannot be installed beside this workspace's botocore.
+    ``prepared_uri`` defaults to ``settings.prepared_uri``. A local folder is read in place. For
+    an s3:// one the runner first copies the Parquet to ``<feast_dir>/offline/features``: Feast's
+    file offline store reads through dask/fsspec, which needs s3fs, and s3fs cannot be installed
+    beside this workspace's botocore.
     """
-    if is_s3(settings.data_uri):
+    prepared_uri = prepared_uri or settings.prepared_uri
+    if is_s3(prepared_uri):
         return join(settings.feast_dir, "offline", schemas.FEATURES_DIR)
-    return join(settings.prepared_uri, schemas.FEATURES_DIR)
+    return join(prepared_uri, schemas.FEATURES_DIR)
 
 
 def build_definitions(

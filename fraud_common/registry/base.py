@@ -30,6 +30,9 @@ class ModelVersion:
     format_version: str = "1"
     metadata: dict[str, Any] = field(default_factory=dict)
     created_at: str = ""  # ISO-8601 UTC, set by the registry
+    # The registry's own ids (the InferenceService labels that link a deployment to its version).
+    registered_model_id: str = ""
+    version_id: str = ""
 
     @property
     def passed_gate(self) -> bool:

@@ -298,6 +298,8 @@ class KubeflowModelRegistry:
             format_version=artifact.model_format_version or "",
             metadata=decode_properties(record.custom_properties),
             created_at=_iso_from_epoch_ms(record.create_time_since_epoch),
+            registered_model_id=record.registered_model_id or "",
+            version_id=record.id or "",
         )
 
     def list_versions(self, model_name: str) -> list[ModelVersion]:

@@ -60,7 +60,8 @@ CREATE TABLE IF NOT EXISTS model_artifact (
 
 # Oldest first: the AUTOINCREMENT id is the registration order (timestamps can tie).
 _SELECT_VERSIONS = """
-SELECT m.name, v.name, a.uri, a.model_format_name, a.model_format_version, v.metadata, v.created_at
+SELECT m.name, v.name, a.uri, a.model_format_name, a.model_format_version, v.metadata, v.created_at,
+       m.id, v.id
 FROM model_version v
 JOIN registered_model m ON m.id = v.registered_model_id
 JOIN model_artifact a ON a.model_version_id = v.id
@@ -194,8 +195,10 @@ class LocalModelRegistry:
                 format_version=fmt_version,
                 metadata=json.loads(document),
                 created_at=created_at,
+                registered_model_id=str(model_id),
+                version_id=str(version_id),
             )
-            for name, ver, uri, fmt, fmt_version, document, created_at in rows
+            for name, ver, uri, fmt, fmt_version, document, created_at, model_id, version_id in rows
         ]
 
     def list_versions(self, model_name: str) -> list[ModelVersion]:
