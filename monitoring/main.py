@@ -108,6 +108,7 @@ def monitor(
     features: Sequence[str] = MODEL_FEATURES,
 ) -> MonitorResult:
     """Compare the log's rows scored in ``[start, end)`` with the reference; add realized metrics if labelled."""
+    start, end = start.astimezone(timezone.utc), end.astimezone(timezone.utc)
     if not start < end:
         raise MonitorError(f"window start {start.isoformat()} is not before its end {end.isoformat()}")
     reference, notes = read_reference(reference_uri, settings, features)

@@ -106,7 +106,9 @@ def summary_figure(result: MonitorResult) -> Figure:
     ks_axes.axvline(t.ks_min_statistic, color="black", linestyle="--", linewidth=0.8)
     ks_axes.set_xlabel(f"KS statistic D (alert at >= {t.ks_min_statistic} with p < {t.ks_alpha})")
     verdict = f"DRIFT ALERT: {', '.join(result.drifted)}" if result.drifted else "No drift"
-    figure.suptitle(f"{verdict}\n{result.rows:,} predictions {result.window_start} to {result.window_end}", fontsize=10)
+    figure.suptitle(
+        f"{verdict}\n{result.rows:,} predictions scored {result.window_start[:19]} to {result.window_end[:19]} UTC", fontsize=10
+    )
     return figure
 
 
@@ -118,12 +120,13 @@ def distributions_figure(result: MonitorResult) -> Figure:
     figure = Figure(figsize=(13, 2.4 * nrows))
     axes = np.atleast_1d(figure.subplots(nrows, ncols)).ravel()
     for ax, column in zip(axes, columns):
-        x = np.arange(len(column.reference_shares))
-        ax.bar(x - 0.2, column.reference_shares, width=0.4, color=REFERENCE_COLOUR, label="reference")
-        ax.bar(x + 0.2, column.current_shares, width=0.4, color=WINDOW_COLOUR, label="window")
+        ref, cur = np.asarray(column.reference_shares), np.asarray(column.current_shares)
+        x = np.flatnonzero((ref > 0) | (cur > 0))  # a 0/1 flag's bin above 1 is empty in both: not drawn
+        ax.bar(np.arange(x.size) - 0.2, ref[x], width=0.4, color=REFERENCE_COLOUR, label="reference")
+        ax.bar(np.arange(x.size) + 0.2, cur[x], width=0.4, color=WINDOW_COLOUR, label="window")
         ax.set_title(f"{column.name}\nPSI {column.psi:.3f}  D {column.ks_statistic:.3f}", fontsize=8,
                      color=BAND_COLOURS["major"] if column.drifted else "black")
-        ax.set_xticks(x, [_bin_label(column.edges, i) for i in x], fontsize=6, rotation=45)
+        ax.set_xticks(np.arange(x.size), [_bin_label(column.edges, i) for i in x], fontsize=6, rotation=45)
         ax.tick_params(axis="y", labelsize=7)
     for ax in axes[len(columns):]:
         ax.set_visible(False)
