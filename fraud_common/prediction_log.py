@@ -37,7 +37,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -110,8 +110,7 @@ def log_schema(feature_names: Sequence[str]) -> pa.Schema:
     )
 
 
-@dataclass
-class _Request:
+class _Request(NamedTuple):
     """One appended request, kept as the caller's arrays until the writer builds columns."""
 
     request_id: str
@@ -154,6 +153,11 @@ class PredictionLogWriter:
         self.written_rows = 0
         self.written_files = 0
         self.failed_rows = 0
+        # Build and encode one row now: a bad feature list fails here, and every module the write
+        # path imports lazily (pyarrow imports pandas) is loaded before an exit-time flush needs it.
+        probe = _Request("probe", ["probe"], np.zeros((1, len(self.feature_names)), np.float32),
+                         np.zeros(1, np.float32), np.zeros(1, bool), "", "", 0.0, time.time())
+        pq.write_table(self.to_table([probe]), io.BytesIO(), compression="zstd")
         self._thread = threading.Thread(target=self._run, name="prediction-log-writer", daemon=True)
         self._thread.start()
         atexit.register(self.close)
@@ -246,29 +250,35 @@ class PredictionLogWriter:
                 self._writing_rows -= rows
 
     def to_table(self, batch: Sequence[_Request]) -> pa.Table:
-        """The Arrow table of a batch of requests, in the log's schema."""
-        counts = np.fromiter((len(r.user_ids) for r in batch), dtype=np.int64, count=len(batch))
-        features = np.concatenate([np.asarray(r.features, dtype=np.float32).reshape(len(r.user_ids), -1) for r in batch])
-        if features.shape[1] != len(self.feature_names):
-            raise PredictionLogError(f"{features.shape[1]} feature values per row, the model has {len(self.feature_names)}")
-        scored_at = np.repeat(np.array([r.scored_at for r in batch]) * 1e6, counts).astype("int64")
+        """The Arrow table of a batch of requests, in the log's schema (one pass per column, no per-row Python)."""
+        request_ids, user_ids, features, scores, decisions, names, versions, latencies, times = zip(*batch)
+        counts = np.fromiter(map(len, user_ids), dtype=np.int64, count=len(batch))
+        rows = int(counts.sum())
+        values = np.concatenate(features, axis=None).astype(np.float32, copy=False)  # axis=None flattens each
+        if values.size != rows * len(self.feature_names):
+            raise PredictionLogError(f"{values.size} feature values for {rows} rows; the model has {len(self.feature_names)} features")
+        values = values.reshape(rows, len(self.feature_names))
+        owner = pa.array(np.repeat(np.arange(len(batch)), counts))
 
-        def per_request(values: list) -> pa.Array:
-            return pa.DictionaryArray.from_arrays(pa.array(np.repeat(np.arange(len(batch)), counts)), pa.array(values)).cast(pa.string())
+        def per_request(items: tuple) -> pa.Array:
+            return pa.DictionaryArray.from_arrays(owner, pa.array(items, pa.string())).cast(pa.string())
 
         columns = {
-            REQUEST_ID: per_request([r.request_id for r in batch]),
-            USER_ID: pa.array(list(itertools.chain.from_iterable(r.user_ids for r in batch)), pa.string()),
-            SCORED_AT: pa.array(scored_at, TIMESTAMP_TYPE),
-            MODEL_NAME: per_request([r.model_name for r in batch]),
-            MODEL_VERSION: per_request([r.model_version for r in batch]),
+            REQUEST_ID: per_request(request_ids),
+            USER_ID: pa.array(list(itertools.chain.from_iterable(user_ids)), pa.string()),
+            SCORED_AT: pa.array(np.repeat((np.array(times) * 1e6).astype(np.int64), counts), TIMESTAMP_TYPE),
+            MODEL_NAME: per_request(names),
+            MODEL_VERSION: per_request(versions),
         }
         for i, name in enumerate(self.feature_names):
-            columns[name] = pa.array(features[:, i])
-        columns[SCORE] = pa.array(np.concatenate([np.asarray(r.scores, dtype=np.float32).reshape(-1) for r in batch]))
-        columns[DECISION] = pa.array(np.concatenate([np.asarray(r.decisions, dtype=bool).reshape(-1) for r in batch]))
-        columns[LATENCY_MS] = pa.array(np.repeat(np.array([r.latency_ms for r in batch], dtype=np.float32), counts))
-        columns[SAMPLE_RATE] = pa.array(np.full(int(counts.sum()), self.config.sample_rate, dtype=np.float32))
+            columns[name] = pa.array(values[:, i])
+        columns[SCORE] = pa.array(np.concatenate(scores, axis=None).astype(np.float32, copy=False))
+        columns[DECISION] = pa.array(np.concatenate(decisions, axis=None).astype(bool, copy=False))
+        columns[LATENCY_MS] = pa.array(np.repeat(np.array(latencies, dtype=np.float32), counts))
+        columns[SAMPLE_RATE] = pa.array(np.full(rows, self.config.sample_rate, dtype=np.float32))
+        for name in (SCORE, DECISION):
+            if len(columns[name]) != rows:
+                raise PredictionLogError(f"{len(columns[name])} values of {name!r} for {rows} rows")
         return pa.Table.from_pydict(columns, schema=self.schema)
 
     def _partitions(self, table: pa.Table):  # noqa: ANN202 - iterator of (uri, table)

@@ -258,6 +258,24 @@ def test_log_clean_shutdown_loses_nothing(tmp_path: Path) -> None:
     assert _rows_in_files(log_dir) == appended
 
 
+def test_log_first_write_at_interpreter_exit(tmp_path: Path) -> None:
+    # Nothing written before exit: the exit-time flush is the first write (lazy imports must be done by then).
+    code = textwrap.dedent(
+        """
+        import sys, numpy as np
+        from fraud_common.prediction_log import PredictionLogConfig, PredictionLogWriter
+        from fraud_common.settings import Settings
+        writer = PredictionLogWriter(PredictionLogConfig(uri=sys.argv[1]), Settings.from_env({}), ["a"])
+        for i in range(5):
+            writer.append(f"r{i}", ["u"], np.ones((1, 1), np.float32), np.zeros(1, np.float32), np.zeros(1, bool), "m", "1", 0.001)
+        """
+    )
+    env = {"FRAUD_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "log")], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "not written" not in done.stderr, done.stderr
+    assert _rows_in_files(tmp_path / "log") == 5
+
+
 def test_log_kill_loses_at_most_one_buffer_and_no_file_is_torn(tmp_path: Path) -> None:
     max_rows = 400
     child, log_dir = _run_child_until_files(tmp_path, max_rows=max_rows, files=3)
