@@ -146,6 +146,7 @@ class PredictionLogWriter:
         self._writing_rows = 0  # handed to the writer, not yet in a file
         self._oldest = 0.0  # monotonic time of the buffer's first request
         self._closing = False
+        self._dropping = False
         self._file_seq = itertools.count()
         self._name_tag = f"{socket.gethostname()}-{os.getpid()}"
         self.appended_rows = 0
@@ -191,6 +192,9 @@ class PredictionLogWriter:
         )
         with self._lock:
             if self._buffered_rows + self._writing_rows + rows > self.config.max_rows:
+                if not self._dropping:  # once per full buffer, not per request
+                    log.warning("prediction log full (%d rows not yet written): dropping rows", self.config.max_rows)
+                    self._dropping = True
                 self.dropped_rows += rows
                 return False
             if not self._buffer:
@@ -248,6 +252,7 @@ class PredictionLogWriter:
         finally:
             with self._lock:
                 self._writing_rows -= rows
+                self._dropping = False
 
     def to_table(self, batch: Sequence[_Request]) -> pa.Table:
         """The Arrow table of a batch of requests, in the log's schema (one pass per column, no per-row Python)."""
@@ -363,7 +368,8 @@ def read_log(
     if columns is not None and SCORED_AT not in columns:
         columns = [*columns, SCORED_AT]
     tables = []
-    for path in log_files(uri, settings, start, end):
+    paths = log_files(uri, settings, start, end) if storage.exists(uri, settings) else []
+    for path in paths:
         if storage.is_s3(path):
             table = pq.read_table(io.BytesIO(storage.read_bytes(path, settings)), columns=columns)
         else:

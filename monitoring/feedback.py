@@ -26,6 +26,7 @@ from scipy import stats
 from fraud_common import storage
 from fraud_common.prediction_log import DECISION, REQUEST_ID, SCORE, SCORED_AT, USER_ID
 from fraud_common.settings import Settings
+from monitoring.sources import data_files
 
 LABEL = "label"
 LABEL_TIME = "label_time"
@@ -38,8 +39,8 @@ class FeedbackError(ValueError):
 
 def _read_table(uri: str, settings: Settings) -> pa.Table:
     """One CSV or Parquet file, or every such file under a folder, as one table."""
-    files = [f for f in storage.list_files(uri, settings) if f.endswith((".csv", ".parquet")) and "/." not in f]
-    if not storage.exists(uri, settings) or not files:
+    files = data_files(uri, settings, (".csv", ".parquet"))
+    if not files:
         raise FeedbackError(f"no label file (.csv or .parquet) at {uri}")
     tables = []
     for path in files:

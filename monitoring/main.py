@@ -31,6 +31,7 @@ from fraud_common.settings import Settings, SettingsError
 from monitoring import feedback
 from monitoring.drift import DriftThresholds, compare
 from monitoring.report import MonitorResult, write_report
+from monitoring.sources import data_files
 
 log = get_logger(__name__)
 
@@ -56,7 +57,7 @@ def default_uris(settings: Settings) -> dict[str, str]:
 def _parquet_files(uri: str, settings: Settings) -> list[str]:
     if not storage.exists(uri, settings):
         raise MonitorError(f"reference not found: {uri}")
-    files = [f for f in storage.list_files(uri, settings) if f.endswith(".parquet") and "/." not in f.replace("\\", "/")]
+    files = data_files(uri, settings, (".parquet",))
     if not files:
         raise MonitorError(f"no Parquet files at {uri}")
     return files

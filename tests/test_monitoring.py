@@ -78,6 +78,22 @@ def test_ks_and_wasserstein_by_hand() -> None:
     assert (column.reference_mean, column.current_mean) == (2.5, 4.5)
 
 
+def test_ks_and_wasserstein_equal_scipy() -> None:
+    from scipy import stats
+
+    rng = np.random.default_rng(2)
+    for reference, current in [
+        (rng.lognormal(0, 1, 3000), rng.lognormal(0.2, 1, 2000)),
+        ((rng.random(3000) < 0.4).astype(float), (rng.random(2500) < 0.5).astype(float)),  # ties everywhere
+        (np.round(rng.normal(0, 1, 4000), 1), np.round(rng.normal(0.05, 1.1, 5000), 1)),
+    ]:
+        column = drift.compare_column("x", reference, current)
+        ks = stats.ks_2samp(reference, current, method="asymp")
+        assert column.ks_statistic == pytest.approx(ks.statistic, abs=1e-12)
+        assert column.ks_pvalue == pytest.approx(ks.pvalue, rel=1e-6, abs=1e-300)
+        assert column.wasserstein == pytest.approx(stats.wasserstein_distance(reference, current), rel=1e-9)
+
+
 def test_bands_and_alert_rules() -> None:
     thresholds = drift.DriftThresholds()
     assert [drift.psi_band(v) for v in (0.0999, 0.1, 0.2499, 0.25)] == ["stable", "moderate", "moderate", "major"]
@@ -445,6 +461,24 @@ def test_feedback_then_monitor_reports_realized_metrics(settings: Settings, tmp_
     assert performance["overall"]["precision"] == 1.0 and performance["overall"]["recall"] == pytest.approx(expected_recall)
     assert [b["start"] for b in performance["buckets"]] == ["2026-11-30T10:00:00+00:00"]
     assert "realized metrics" in (out / "report.html").read_text()
+
+
+def test_monitor_and_feedback_on_s3(s3_settings: Settings, tmp_path: Path, reference: str, capsys) -> None:
+    # Everything on the S3 server: the log, a single-object reference, a single-object label file, the report.
+    root = storage.join(s3_settings.data_uri, "monitoring")
+    log_uri, ref_uri, labels_uri = (storage.join(root, n) for n in ("predictions", "reference.parquet", "labels.csv"))
+    storage.upload(Path(reference) / "part-0.parquet", ref_uri, s3_settings)
+    _log_window(s3_settings, log_uri, np.random.default_rng(5), 600, drifted=False)
+    storage.write_bytes(labels_uri, b"request_id,label,label_time\nr1,1,2026-12-20T00:00:00Z\nr2,0,2026-12-20T00:00:00Z\n", s3_settings)
+    store = storage.join(root, "label-store")
+    assert main(["feedback", "--labels", labels_uri, "--store", store, "--log", log_uri, "--days", "3650"], s3_settings) == 0
+    out = storage.join(root, "report")
+    assert main(["monitor", "--reference", ref_uri, "--log", log_uri, "--labels", store, "--out", out,
+                 "--start", "2026-11-30T10:00:00Z", "--hours", "1"], s3_settings) == 0
+    result = json.loads(storage.read_bytes(storage.join(out, "result.json"), s3_settings))
+    assert result["rows"] == 600 and result["performance"]["labels_matched"] == 2
+    assert storage.exists(storage.join(out, "report.html"), s3_settings)
+    assert "2 of 2 stored labels match" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
