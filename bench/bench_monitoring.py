@@ -5,7 +5,7 @@
 
 Report: the log is written as the writer writes it (hourly Parquet files over 24 hours), the
 reference is a Parquet file with the model's features and a score; the figure is the wall time of
-``monitoring.main.monitor`` (read, statistics) plus ``write_report`` (plots, HTML, PNG, JSON),
+``monitoring.monitor.monitor`` (read, statistics) plus ``write_report`` (plots, HTML, PNG, JSON),
 split into those parts. Peer in the same run: one column's KS + Wasserstein as the report
 computes them (one pass over the sorted samples) against scipy's ``ks_2samp`` +
 ``wasserstein_distance`` on the same 1M/800k rows.
@@ -78,7 +78,7 @@ def bench_report(rows: int, reference_rows: int, scratch: Path) -> dict:
     import pyarrow.parquet as pq
 
     from fraud_common.settings import Settings
-    from monitoring.main import monitor
+    from monitoring.monitor import monitor
     from monitoring.report import write_report
 
     settings = Settings.from_env({"FRAUD_HOME": str(scratch / "home")})

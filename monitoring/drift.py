@@ -22,25 +22,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+
 import numpy as np
 from scipy import stats
 
-EPSILON = 1e-4
-DECILES = 10
-
-
-@dataclass(frozen=True)
-class DriftThresholds:
-    """When a column counts as drifted; the defaults are the conventional values."""
-
-    psi_moderate: float = 0.1  # PSI band edge: stable below, moderate from here
-    psi_alert: float = 0.25  # PSI band edge: major shift, raises the alert
-    ks_alpha: float = 0.01  # KS p-value below this is significant...
-    ks_min_statistic: float = 0.1  # ...and alerts only if D is at least this
-    bins: int = DECILES
-    epsilon: float = EPSILON
-    min_rows: int = 500  # a window with fewer logged rows is an error, not a verdict
-
+from monitoring.config import DECILES, EPSILON, DriftThresholds
 
 @dataclass
 class ColumnDrift:

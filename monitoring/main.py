@@ -4,44 +4,26 @@
               report.html, summary.png and result.json; exit 0 (no drift), 1 (drift alert), 2 (error)
     feedback  store a delivery of late labels and print the realized performance they reveal
 
-``main(argv)`` takes the subcommand first (``["monitor", "--reference", ...]``), so the
-``fraud-detection`` CLI can hand its arguments on unchanged. Every error is one line on stderr.
+``main(argv)`` takes the subcommand first (``["monitor", "--reference", ...]``). The
+``fraud-detection`` CLI adds the same two subcommands to its own parser with ``add_commands``.
+Every error is one line on stderr. Heavy modules are imported when a command runs, not here.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 from datetime import datetime, timedelta, timezone
-from typing import Sequence
-
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
+from typing import Callable, Sequence
 
 from fraud_common import storage
 from fraud_common.logs import get_logger, setup_logging
-from fraud_common.prediction_log import (
-    DECISION, MODEL_VERSION, REQUEST_ID, SAMPLE_RATE, SCORE, SCORED_AT, USER_ID, PredictionLogError, read_log,
-)
-from fraud_common.schemas import MODEL_FEATURES, SET_COLUMN
-from fraud_common.settings import Settings, SettingsError
-from monitoring import feedback
-from monitoring.drift import DriftThresholds, compare
-from monitoring.report import MonitorResult, write_report
-from monitoring.sources import data_files
+from fraud_common.settings import Settings
+from monitoring.config import DriftThresholds, MonitorError
 
 log = get_logger(__name__)
 
 EXIT_OK, EXIT_DRIFT, EXIT_ERROR = 0, 1, 2
-SCORE_BINS = np.linspace(0.0, 1.0, 51)
-REFERENCE_SPLIT = "train"  # a reference with a ``set`` column is its training rows
-
-
-class MonitorError(ValueError):
-    """The monitor cannot produce a verdict (no data, missing columns, a bad window)."""
 
 
 def monitoring_root(settings: Settings) -> str:
@@ -52,109 +34,6 @@ def monitoring_root(settings: Settings) -> str:
 def default_uris(settings: Settings) -> dict[str, str]:
     root = monitoring_root(settings)
     return {name: storage.join(root, name) for name in ("predictions", "labels", "reports")}
-
-
-def _parquet_files(uri: str, settings: Settings) -> list[str]:
-    if not storage.exists(uri, settings):
-        raise MonitorError(f"reference not found: {uri}")
-    files = data_files(uri, settings, (".parquet",))
-    if not files:
-        raise MonitorError(f"no Parquet files at {uri}")
-    return files
-
-
-def read_reference(uri: str, settings: Settings, features: Sequence[str]) -> tuple[dict[str, np.ndarray], list[str]]:
-    """The reference's feature columns and its ``score`` if it has one; notes on what was used."""
-    tables, notes = [], []
-    for path in _parquet_files(uri, settings):
-        source = io.BytesIO(storage.read_bytes(path, settings)) if storage.is_s3(path) else path
-        try:
-            schema = pq.read_schema(source)
-            if hasattr(source, "seek"):
-                source.seek(0)
-            missing = [f for f in features if f not in schema.names]
-            if missing:
-                raise MonitorError(f"reference {path} lacks feature columns {missing}")
-            columns = [*features, *(c for c in (SCORE, SET_COLUMN) if c in schema.names)]
-            tables.append(pq.read_table(source, columns=columns))
-        except (pa.ArrowInvalid, OSError) as err:
-            raise MonitorError(f"reference {path} is not readable Parquet: {str(err).splitlines()[0]}") from None
-    table = pa.concat_tables(tables, promote_options="permissive")
-    if SET_COLUMN in table.column_names:
-        table = table.filter(pc.equal(table[SET_COLUMN], REFERENCE_SPLIT))
-        notes.append(f"reference rows: the {REFERENCE_SPLIT!r} split of {uri}")
-    if table.num_rows == 0:
-        raise MonitorError(f"reference {uri} has no rows")
-    columns = {name: table[name].to_numpy() for name in features}
-    if SCORE in table.column_names:
-        columns[SCORE] = table[SCORE].to_numpy()
-    else:
-        notes.append("the reference has no 'score' column: the score's drift is not tested")
-    return columns, notes
-
-
-def _shares(values: np.ndarray) -> list[float]:
-    counts, _ = np.histogram(np.clip(values, 0.0, 1.0), bins=SCORE_BINS)
-    return (counts / max(values.size, 1)).tolist()
-
-
-def monitor(
-    log_uri: str,
-    reference_uri: str,
-    start: datetime,
-    end: datetime,
-    settings: Settings,
-    labels_uri: str | None = None,
-    thresholds: DriftThresholds = DriftThresholds(),
-    features: Sequence[str] = MODEL_FEATURES,
-) -> MonitorResult:
-    """Compare the log's rows scored in ``[start, end)`` with the reference; add realized metrics if labelled."""
-    start, end = start.astimezone(timezone.utc), end.astimezone(timezone.utc)
-    if not start < end:
-        raise MonitorError(f"window start {start.isoformat()} is not before its end {end.isoformat()}")
-    reference, notes = read_reference(reference_uri, settings, features)
-    window = read_log(log_uri, settings, start, end)
-    if window.num_rows < thresholds.min_rows:
-        raise MonitorError(
-            f"{window.num_rows} logged predictions in {log_uri} from {start.isoformat()} to {end.isoformat()}; "
-            f"at least {thresholds.min_rows} are needed for a verdict"
-        )
-    missing = [f for f in reference if f not in window.column_names]
-    if missing:
-        raise MonitorError(f"the log lacks columns {missing} (a model with other features was served?)")
-    current = {name: window[name].to_numpy() for name in reference}
-    columns = compare(reference, current, thresholds)
-    versions = pc.value_counts(window[MODEL_VERSION]).to_pylist()
-    hours = pc.value_counts(pc.floor_temporal(window[SCORED_AT], unit="hour")).to_pylist()
-    result = MonitorResult(
-        window_start=start.isoformat(),
-        window_end=end.isoformat(),
-        log_uri=log_uri,
-        reference_uri=reference_uri,
-        rows=window.num_rows,
-        reference_rows=len(next(iter(reference.values()))),
-        model_versions={str(v["values"]): int(v["counts"]) for v in versions},
-        sample_rates=sorted(float(r) for r in pc.unique(window[SAMPLE_RATE]).to_pylist()),
-        thresholds=thresholds,
-        columns=columns,
-        score_column=SCORE if SCORE in reference else None,
-        notes=notes,
-        hourly_rows=sorted((h["values"].isoformat(), int(h["counts"])) for h in hours),
-        score_histogram={
-            "edges": SCORE_BINS.tolist(),
-            "window": _shares(window[SCORE].to_numpy()),
-            "reference": _shares(reference[SCORE]) if SCORE in reference else [],
-        },
-    )
-    if labels_uri:
-        labels = feedback.load_labels(labels_uri, settings)
-        if labels is not None:
-            predictions = window.select([REQUEST_ID, USER_ID, SCORED_AT, SCORE, DECISION]).to_pandas()
-            joined = feedback.join(predictions, labels)
-            bucket = "1h" if end - start <= timedelta(hours=48) else "1D"
-            result.overall, result.buckets = feedback.realized_metrics(joined, bucket)
-            result.labels_matched, result.labels_total = len(joined), len(labels)
-    return result
 
 
 def parse_time(text: str) -> datetime:
@@ -176,6 +55,10 @@ def window_of(args: argparse.Namespace) -> tuple[datetime, datetime]:
 
 
 def cmd_monitor(args: argparse.Namespace, settings: Settings) -> int:
+    """Write the report of one window; exit code by its verdict."""
+    from monitoring.monitor import monitor
+    from monitoring.report import write_report
+
     uris = default_uris(settings)
     start, end = window_of(args)
     thresholds = DriftThresholds(psi_alert=args.psi_alert, ks_min_statistic=args.ks_min_statistic, min_rows=args.min_rows)
@@ -196,6 +79,10 @@ def cmd_monitor(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_feedback(args: argparse.Namespace, settings: Settings) -> int:
+    """Store a label delivery and print the realized metrics over everything stored."""
+    from fraud_common.prediction_log import DECISION, REQUEST_ID, SCORE, SCORED_AT, USER_ID, read_log
+    from monitoring import feedback
+
     uris = default_uris(settings)
     stored, labels = feedback.ingest(args.labels, args.store or uris["labels"], settings)
     end = datetime.now(timezone.utc)
@@ -217,11 +104,15 @@ def cmd_feedback(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
-def build_parser(prog: str = "monitoring") -> argparse.ArgumentParser:
-    """The ``monitor`` and ``feedback`` subcommands."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    mon = sub.add_parser("monitor", help="drift report of a window of the prediction log")
+def add_commands(
+    sub: argparse._SubParsersAction, settings_of: Callable[[argparse.Namespace], Settings], prog: str = "monitoring"
+) -> None:
+    """Add ``monitor`` and ``feedback`` to a CLI's subparsers; ``settings_of(args)`` gives the settings.
+
+    Each sets ``func(args) -> int``, which runs the command and turns any error into one line on
+    stderr and exit code 2.
+    """
+    mon = sub.add_parser("monitor", help="drift report of a window of the prediction log (exit 0 no drift, 1 drift, 2 error)")
     mon.add_argument("--reference", required=True, help="training reference: Parquet file or folder, local or s3://")
     mon.add_argument("--log", help="prediction log root (default: $FRAUD_HOME/monitoring/predictions)")
     mon.add_argument("--labels", help="label store (default: $FRAUD_HOME/monitoring/labels; used if present)")
@@ -230,31 +121,44 @@ def build_parser(prog: str = "monitoring") -> argparse.ArgumentParser:
     mon.add_argument("--hours", type=float, help="window length when --start is not given (default 24)")
     mon.add_argument("--out", help="report folder (default: $FRAUD_HOME/monitoring/reports/<end>)")
     mon.add_argument("--psi-alert", type=float, default=DriftThresholds.psi_alert, help="PSI that raises the alert (default 0.25)")
-    mon.add_argument("--ks-min-statistic", type=float, default=DriftThresholds.ks_min_statistic, help="KS D that raises the alert when significant (default 0.1)")
+    mon.add_argument("--ks-min-statistic", type=float, default=DriftThresholds.ks_min_statistic,
+                     help="KS D that raises the alert when significant (default 0.1)")
     mon.add_argument("--min-rows", type=int, default=DriftThresholds.min_rows, help="fewest logged rows for a verdict (default 500)")
-    mon.set_defaults(func=cmd_monitor)
     fb = sub.add_parser("feedback", help="store late labels and show realized performance")
     fb.add_argument("--labels", required=True, help="label file or folder (CSV/Parquet: request_id, label, label_time[, user_id])")
     fb.add_argument("--store", help="label store (default: $FRAUD_HOME/monitoring/labels)")
     fb.add_argument("--log", help="prediction log root (default: $FRAUD_HOME/monitoring/predictions)")
     fb.add_argument("--days", type=float, default=30.0, help="how far back to join labels to the log (default 30)")
-    fb.set_defaults(func=cmd_feedback)
-    return parser
+    for parser, command in ((mon, cmd_monitor), (fb, cmd_feedback)):
+        parser.set_defaults(func=lambda args, command=command: run(command, args, settings_of, prog))
+
+
+def run(
+    command: Callable[[argparse.Namespace, Settings], int],
+    args: argparse.Namespace,
+    settings_of: Callable[[argparse.Namespace], Settings],
+    prog: str,
+) -> int:
+    """Run one command; any error becomes one line on stderr and exit code 2."""
+    name = command.__name__.removeprefix("cmd_")
+    try:
+        settings = settings_of(args)
+        setup_logging(settings.log_level)
+        return command(args, settings)
+    except (ValueError, storage.StorageError) as err:  # every error type of ours is one of these
+        print(f"{prog} {name}: {err}", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 - a one-line error, the traceback at debug level
+        log.debug("unexpected error", exc_info=True)
+        print(f"{prog} {name}: unexpected {type(err).__name__}: {err}", file=sys.stderr)
+    return EXIT_ERROR
 
 
 def main(argv: Sequence[str] | None = None, settings: Settings | None = None, prog: str = "monitoring") -> int:
-    """Run ``monitor`` or ``feedback``; returns the exit code (2 with one line on stderr on any error)."""
-    args = build_parser(prog).parse_args(argv)
-    try:
-        settings = settings or Settings.from_env()
-        setup_logging(settings.log_level)
-        return args.func(args, settings)
-    except (MonitorError, feedback.FeedbackError, PredictionLogError, storage.StorageError, SettingsError) as err:
-        print(f"{prog} {args.command}: {err}", file=sys.stderr)
-    except Exception as err:  # noqa: BLE001 - a one-line error, the traceback at debug level
-        log.debug("unexpected error", exc_info=True)
-        print(f"{prog} {args.command}: unexpected {type(err).__name__}: {err}", file=sys.stderr)
-    return EXIT_ERROR
+    """Run ``monitor`` or ``feedback`` (the first argument); returns the exit code."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    add_commands(parser.add_subparsers(dest="command", required=True), lambda _: settings or Settings.from_env(), prog)
+    args = parser.parse_args(argv)
+    return args.func(args)
 
 
 if __name__ == "__main__":

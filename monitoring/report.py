@@ -17,7 +17,8 @@ from matplotlib.figure import Figure
 
 from fraud_common import storage
 from fraud_common.settings import Settings
-from monitoring.drift import ColumnDrift, DriftThresholds
+from monitoring.config import DriftThresholds
+from monitoring.drift import ColumnDrift
 from monitoring.feedback import RealizedMetrics
 
 BAND_COLOURS = {"stable": "#2e7d32", "moderate": "#f9a825", "major": "#c62828"}

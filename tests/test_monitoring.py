@@ -29,7 +29,7 @@ from fraud_common import storage
 from fraud_common.schemas import FLAG_COLUMNS, MODEL_FEATURES
 from fraud_common.settings import Settings
 from monitoring import drift, feedback
-from monitoring.main import main
+from monitoring.main import add_commands, main
 
 T0 = datetime(2026, 11, 30, 10, 0, tzinfo=timezone.utc)
 
@@ -502,3 +502,18 @@ def test_monitor_errors_are_one_line_exit_2(settings: Settings, tmp_path: Path, 
     assert main(argv, settings) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_cli_hook_is_light_and_routes_commands(settings: Settings, tmp_path: Path, capsys) -> None:
+    # Building the parser must not load the heavy modules (the CLI imports step code lazily).
+    probe = "import sys, monitoring.main; print(sorted(m for m in ('scipy', 'matplotlib', 'pandas') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
+    # The way pipeline/cli.py wires it: its own parser, its own settings, its own name in errors.
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="fraud-detection")
+    add_commands(parser.add_subparsers(dest="command", required=True), lambda args: settings, prog="fraud-detection")
+    args = parser.parse_args(["feedback", "--labels", str(tmp_path / "none.csv")])
+    assert args.func(args) == 2
+    assert capsys.readouterr().err == f"fraud-detection feedback: no label file (.csv or .parquet) at {tmp_path / 'none.csv'}\n"
