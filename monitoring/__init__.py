@@ -1,0 +1,1 @@
+"""Monitoring: drift of the prediction log against the training reference, and realized performance once labels arrive."""

@@ -1,0 +1,165 @@
+"""``monitor`` and ``feedback``: the monitoring step's entry point.
+
+    monitor   compare a window of the prediction log with the training reference; write
+              report.html, summary.png and result.json; exit 0 (no drift), 1 (drift alert), 2 (error)
+    feedback  store a delivery of late labels and print the realized performance they reveal
+
+``main(argv)`` takes the subcommand first (``["monitor", "--reference", ...]``). The
+``fraud-detection`` CLI adds the same two subcommands to its own parser with ``add_commands``.
+Every error is one line on stderr. Heavy modules are imported when a command runs, not here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import datetime, timedelta, timezone
+from typing import Callable, Sequence
+
+from fraud_common import storage
+from fraud_common.logs import get_logger, setup_logging
+from fraud_common.settings import Settings
+from monitoring.config import DriftThresholds, MonitorError
+
+log = get_logger(__name__)
+
+EXIT_OK, EXIT_DRIFT, EXIT_ERROR = 0, 1, 2
+
+
+def monitoring_root(settings: Settings) -> str:
+    """Where the log, the label store and the reports live by default."""
+    return str(settings.home / "monitoring")
+
+
+def default_uris(settings: Settings) -> dict[str, str]:
+    root = monitoring_root(settings)
+    return {name: storage.join(root, name) for name in ("predictions", "labels", "reports")}
+
+
+def parse_time(text: str) -> datetime:
+    """An ISO 8601 time; without a zone it is UTC."""
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise MonitorError(f"{text!r} is not an ISO 8601 time (e.g. 2026-12-01T00:00:00Z)") from None
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def window_of(args: argparse.Namespace) -> tuple[datetime, datetime]:
+    """``[start, end)`` from --start/--end/--hours (default: the last 24 hours)."""
+    end = parse_time(args.end) if args.end else datetime.now(timezone.utc)
+    if args.hours is not None and not args.hours > 0:
+        raise MonitorError(f"--hours {args.hours} must be positive")
+    start = parse_time(args.start) if args.start else end - timedelta(hours=args.hours or 24)
+    return start, end
+
+
+def cmd_monitor(args: argparse.Namespace, settings: Settings) -> int:
+    """Write the report of one window; exit code by its verdict."""
+    from monitoring.monitor import monitor
+    from monitoring.report import write_report
+
+    uris = default_uris(settings)
+    start, end = window_of(args)
+    thresholds = DriftThresholds(psi_alert=args.psi_alert, ks_min_statistic=args.ks_min_statistic, min_rows=args.min_rows)
+    if not 0 < thresholds.psi_moderate < thresholds.psi_alert:
+        raise MonitorError(f"--psi-alert {args.psi_alert} must be above the moderate band's {thresholds.psi_moderate}")
+    result = monitor(
+        args.log or uris["predictions"], args.reference, start, end, settings,
+        labels_uri=args.labels or uris["labels"], thresholds=thresholds,
+    )
+    out = args.out or storage.join(uris["reports"], f"{end:%Y%m%dT%H%M%SZ}")
+    paths = write_report(result, out, settings)
+    worst = max(result.columns, key=lambda c: c.psi)
+    if result.drifted:
+        print(f"Drift alert in {result.rows:,} predictions: {', '.join(result.drifted)}. Report: {paths['html']}")
+        return EXIT_DRIFT
+    print(f"No drift in {result.rows:,} predictions (largest PSI {worst.psi:.3f}, {worst.name}). Report: {paths['html']}")
+    return EXIT_OK
+
+
+def cmd_feedback(args: argparse.Namespace, settings: Settings) -> int:
+    """Store a label delivery and print the realized metrics over everything stored."""
+    from fraud_common.prediction_log import DECISION, REQUEST_ID, SCORE, SCORED_AT, USER_ID, read_log
+    from monitoring import feedback
+
+    uris = default_uris(settings)
+    stored, labels = feedback.ingest(args.labels, args.store or uris["labels"], settings)
+    end = datetime.now(timezone.utc)
+    window = read_log(args.log or uris["predictions"], settings, end - timedelta(days=args.days), end + timedelta(minutes=1))
+    line = f"Stored {len(labels):,} labels in {stored}"
+    if window.num_rows == 0:
+        print(f"{line}; no logged predictions in the last {args.days:g} days to join them to.")
+        return EXIT_OK
+    predictions = window.select([REQUEST_ID, USER_ID, SCORED_AT, SCORE, DECISION]).to_pandas()
+    all_labels = feedback.load_labels(args.store or uris["labels"], settings)
+    joined = feedback.join(predictions, all_labels)
+    overall, _ = feedback.realized_metrics(joined)
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    o = overall.to_dict()
+    print(
+        f"{line}; {len(joined):,} of {len(all_labels):,} stored labels match a prediction logged in the last "
+        f"{args.days:g} days: precision {fmt(o['precision'])}, recall {fmt(o['recall'])}, ROC-AUC {fmt(o['roc_auc'])}."
+    )
+    return EXIT_OK
+
+
+def add_commands(
+    sub: argparse._SubParsersAction, settings_of: Callable[[argparse.Namespace], Settings], prog: str = "monitoring"
+) -> None:
+    """Add ``monitor`` and ``feedback`` to a CLI's subparsers; ``settings_of(args)`` gives the settings.
+
+    Each sets ``func(args) -> int``, which runs the command and turns any error into one line on
+    stderr and exit code 2.
+    """
+    mon = sub.add_parser("monitor", help="drift report of a window of the prediction log (exit 0 no drift, 1 drift, 2 error)")
+    mon.add_argument("--reference", required=True, help="training reference: Parquet file or folder, local or s3://")
+    mon.add_argument("--log", help="prediction log root (default: $FRAUD_HOME/monitoring/predictions)")
+    mon.add_argument("--labels", help="label store (default: $FRAUD_HOME/monitoring/labels; used if present)")
+    mon.add_argument("--start", help="window start, ISO 8601 (default: --hours before --end)")
+    mon.add_argument("--end", help="window end, ISO 8601 (default: now)")
+    mon.add_argument("--hours", type=float, help="window length when --start is not given (default 24)")
+    mon.add_argument("--out", help="report folder (default: $FRAUD_HOME/monitoring/reports/<end>)")
+    mon.add_argument("--psi-alert", type=float, default=DriftThresholds.psi_alert, help="PSI that raises the alert (default 0.25)")
+    mon.add_argument("--ks-min-statistic", type=float, default=DriftThresholds.ks_min_statistic,
+                     help="KS D that raises the alert when significant (default 0.1)")
+    mon.add_argument("--min-rows", type=int, default=DriftThresholds.min_rows, help="fewest logged rows for a verdict (default 500)")
+    fb = sub.add_parser("feedback", help="store late labels and show realized performance")
+    fb.add_argument("--labels", required=True, help="label file or folder (CSV/Parquet: request_id, label, label_time[, user_id])")
+    fb.add_argument("--store", help="label store (default: $FRAUD_HOME/monitoring/labels)")
+    fb.add_argument("--log", help="prediction log root (default: $FRAUD_HOME/monitoring/predictions)")
+    fb.add_argument("--days", type=float, default=30.0, help="how far back to join labels to the log (default 30)")
+    for parser, command in ((mon, cmd_monitor), (fb, cmd_feedback)):
+        parser.set_defaults(func=lambda args, command=command: run(command, args, settings_of, prog))
+
+
+def run(
+    command: Callable[[argparse.Namespace, Settings], int],
+    args: argparse.Namespace,
+    settings_of: Callable[[argparse.Namespace], Settings],
+    prog: str,
+) -> int:
+    """Run one command; any error becomes one line on stderr and exit code 2."""
+    name = command.__name__.removeprefix("cmd_")
+    try:
+        settings = settings_of(args)
+        setup_logging(settings.log_level)
+        return command(args, settings)
+    except (ValueError, storage.StorageError) as err:  # every error type of ours is one of these
+        print(f"{prog} {name}: {err}", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 - a one-line error, the traceback at debug level
+        log.debug("unexpected error", exc_info=True)
+        print(f"{prog} {name}: unexpected {type(err).__name__}: {err}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def main(argv: Sequence[str] | None = None, settings: Settings | None = None, prog: str = "monitoring") -> int:
+    """Run ``monitor`` or ``feedback`` (the first argument); returns the exit code."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    add_commands(parser.add_subparsers(dest="command", required=True), lambda _: settings or Settings.from_env(), prog)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
