@@ -41,6 +41,7 @@ STEP_PACKAGES = (
     "feature_engineering",
     "train",
     "rest_predictor",
+    "monitoring",
     "pipeline",
 )
 SHARED = "fraud_common"
