@@ -1,11 +1,29 @@
 #!/usr/bin/env bash
 # Container entrypoint for Spark on Kubernetes: the Spark Operator starts the driver pod with
 # `driver <spark-submit args>` and the driver starts executor pods with `executor`; both get
-# their settings as SPARK_* environment variables. Anything else runs as a plain command.
+# their settings as SPARK_* environment variables. Anything else runs as a plain command
+# (the image's default check, or a local[*] job under `fraud-detection run --platform docker`).
 set -euo pipefail
+
+log() { echo "spark-entrypoint: $*" >&2; }
 
 : "${SPARK_HOME:?SPARK_HOME must point at the pyspark installation}"
 spark_classpath="${SPARK_CLASSPATH:+${SPARK_CLASSPATH}:}${SPARK_HOME}/jars/*"
+
+# OpenShift runs the container with an arbitrary UID (group 0) that has no passwd entry. The JVM
+# then has no user name and no home, and Hadoop's login fails; name the user and the home
+# explicitly instead (no writable /etc/passwd needed).
+if ! whoami >/dev/null 2>&1; then
+    export HOME="${HOME:-/tmp}"
+    [ -w "${HOME}" ] || export HOME=/tmp
+    export SPARK_USER="${SPARK_USER:-spark}" HADOOP_USER_NAME="${HADOOP_USER_NAME:-spark}"
+    export JAVA_TOOL_OPTIONS="${JAVA_TOOL_OPTIONS:+${JAVA_TOOL_OPTIONS} }-Duser.name=${SPARK_USER} -Duser.home=${HOME}"
+    log "uid $(id -u) has no passwd entry: running as user '${SPARK_USER}', HOME=${HOME}"
+fi
+
+if [ "${FRAUD_S3A_JARS:-include}" = skip ]; then
+    log "this image was built with --skip-s3a-jars: no hadoop-aws/AWS SDK jars, s3a:// paths will fail"
+fi
 
 # Extra JVM options Spark passes to executors as SPARK_JAVA_OPT_0, SPARK_JAVA_OPT_1, ...
 java_opts=()
