@@ -7,6 +7,7 @@ gate before anything is uploaded or recorded.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import subprocess
 from datetime import datetime, timezone
@@ -130,8 +131,15 @@ def data_fingerprint(frame: pd.DataFrame) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
+# Set in the step images from the build's `git describe` (build_images.sh, CODE_VERSION).
+CODE_VERSION_ENV = "FRAUD_CODE_VERSION"
+
+
 def code_version() -> str:
-    """``git describe`` of the source tree when it is a checkout, else the package version."""
+    """The images' baked-in ``git describe``, else the source tree's, else the package version."""
+    baked = os.environ.get(CODE_VERSION_ENV, "").strip()
+    if baked and baked != "unknown":
+        return f"git:{baked}"
     here = Path(__file__).resolve().parent
     try:
         described = subprocess.run(
