@@ -9,9 +9,11 @@
 #   ./build_images.sh --kind fraud-detection   load the images into that kind cluster
 #   ./build_images.sh --only train             build one step (repeatable)
 #   ./build_images.sh --verbose                stream the build output instead of logging it
+#   ./build_images.sh --no-cache               rebuild every layer (the bench's cold build)
 #
 # First the shared builder/runtime stages (containers/Containerfile.base), then each step's
-# Containerfile. Quiet by default: each build's output goes to <log dir>/<image>.log and one line
+# Containerfile, then the code-version stamp on it (containers/Containerfile.stamp).
+# Quiet by default: each build's output goes to <log dir>/<image>.log and one line
 # per image says how it went (time, size). A failed image does not stop the others; the exit
 # status is non-zero if any failed. Image names come from pipeline/images.py, the same place
 # the pipeline takes them from. The images' IDs (and, after --push, their registry digests) are
@@ -27,11 +29,12 @@ KIND_CLUSTER=""
 ONLY=()
 S3A_JARS=include
 VERBOSE=false
+NO_CACHE=()
 LOG_DIR="${BUILD_LOG_DIR:-${REPO_ROOT}/.fraud-detection/build-logs}"
-LOCK_FILE="${REPO_ROOT}/pipeline/images.lock.json"
+LOCK_FILE="${IMAGES_LOCK_FILE:-${REPO_ROOT}/pipeline/images.lock.json}"
 
 usage() {
-    sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n "2,20p" "$0" | sed 's/^# \{0,1\}//'
 }
 
 while [ $# -gt 0 ]; do
@@ -43,6 +46,7 @@ while [ $# -gt 0 ]; do
         --only) ONLY+=("${2:?--only needs a step name}"); shift ;;
         --skip-s3a-jars) S3A_JARS=skip ;;
         --verbose|-v) VERBOSE=true ;;
+        --no-cache) NO_CACHE=(--no-cache) ;;
         -h|--help) usage; exit 0 ;;
         *) echo "build_images.sh: unknown option '$1'" >&2; usage >&2; exit 2 ;;
     esac
@@ -85,23 +89,24 @@ for wanted in "${ONLY[@]}"; do
 done
 
 CODE_VERSION="$(git describe --always --dirty --tags 2>/dev/null || echo unknown)"
-BUILDER="localhost/fraud-detection/builder:${TAG}"
-RUNTIME="localhost/fraud-detection/runtime:${TAG}"
+# The step Containerfiles name the shared base by these fixed local names.
+BUILDER="localhost/fraud-detection/builder:current"
+RUNTIME="localhost/fraud-detection/runtime:current"
 mkdir -p "${LOG_DIR}"
 
 human_size() {  # bytes -> "1.23 GB" / "456 MB"
     awk -v b="$1" 'BEGIN { if (b >= 1e9) printf "%.2f GB", b / 1e9; else printf "%.0f MB", b / 1e6 }'
 }
 
-# build NAME LOG ARGS...: one engine build, output to LOG (or the terminal with --verbose).
+# build LOG ARGS...: one engine build, output to LOG (or the terminal with --verbose too).
 build() {
-    local name="$1" log="$2"
-    shift 2
+    local log="$1"
+    shift
     if [ "${VERBOSE}" = true ]; then
-        "${ENGINE}" build "$@" 2>&1 | tee "${log}"
+        "${ENGINE}" build "${NO_CACHE[@]}" "$@" 2>&1 | tee "${log}"
         return "${PIPESTATUS[0]}"
     fi
-    "${ENGINE}" build "$@" >"${log}" 2>&1
+    "${ENGINE}" build "${NO_CACHE[@]}" "$@" >"${log}" 2>&1
 }
 
 failed=()
@@ -115,7 +120,7 @@ for target in builder runtime; do
     ref="${BUILDER}"; [ "${target}" = runtime ] && ref="${RUNTIME}"
     log="${LOG_DIR}/base-${target}.log"
     started=${SECONDS}
-    if build "base-${target}" "${log}" --file containers/Containerfile.base --target "${target}" --tag "${ref}" .; then
+    if build "${log}" --file containers/Containerfile.base --target "${target}" --tag "${ref}" .; then
         report ok "base-${target}" "$((SECONDS - started))" "${ref}"
     else
         report FAIL "base-${target}" "$((SECONDS - started))" "see ${log}: $(tail -n 1 "${log}")"
@@ -124,20 +129,24 @@ for target in builder runtime; do
     fi
 done
 
+# The steps mount the builder while they install; the engines do not key their layer cache on
+# a mounted image, so its ID goes in as a build argument: a new builder means a fresh install.
+BUILDER_ID="$("${ENGINE}" image inspect --format '{{.Id}}' "${BUILDER}")"
+
 for entry in "${STEPS[@]}"; do
     read -r step folder <<< "${entry}"
     selected "${step}" || continue
     ref="${REGISTRY}/${step}:${TAG}"
     log="${LOG_DIR}/${step}.log"
-    args=(--file "${folder}/Containerfile" --tag "${ref}"
-          --build-arg "BUILDER=${BUILDER}" --build-arg "RUNTIME=${RUNTIME}"
-          --build-arg "CODE_VERSION=${CODE_VERSION}")
+    args=(--file "${folder}/Containerfile" --tag "${ref}" --build-arg "BUILDER_ID=${BUILDER_ID}")
     [ "${step}" = data-preparation ] && args+=(--build-arg "S3A_JARS=${S3A_JARS}")
+    stamp=(--file containers/Containerfile.stamp --tag "${ref}"
+           --build-arg "IMAGE=${ref}" --build-arg "CODE_VERSION=${CODE_VERSION}")
     started=${SECONDS}
     if [ ! -f "${folder}/Containerfile" ]; then
         report FAIL "${step}" 0 "${folder}/Containerfile is missing"
         failed+=("${step}")
-    elif build "${step}" "${log}" "${args[@]}" .; then
+    elif build "${log}" "${args[@]}" . && build "${log}.stamp" "${stamp[@]}" .; then
         took=$((SECONDS - started))
         size="$("${ENGINE}" image inspect --format '{{.Size}}' "${ref}")"
         report ok "${step}" "${took}" "$(human_size "${size}")  ${ref}"
@@ -192,6 +201,11 @@ if [ ${#results[@]} -gt 0 ]; then
     for result in "${results[@]}"; do
         read -r step ref took <<< "${result}"
         id="$("${ENGINE}" image inspect --format '{{.Id}}' "${ref}")"
+        id="sha256:${id#sha256:}"
+        if ! [[ "${id}" =~ ^sha256:[0-9a-f]{64}$ ]]; then
+            echo "build_images.sh: ${ref}: the engine gave no image ID; not recorded in the lock file" >&2
+            continue
+        fi
         digest=""
         if [ "${PUSH}" = true ]; then
             if [ "${ENGINE}" = podman ]; then

@@ -1,11 +1,14 @@
 #!/bin/sh
-# step-venv [--without PKG,PKG...] PACKAGE[EXTRA]...   (in the builder image, run from /src)
-# Installs into /opt/venv exactly the locked, hash-checked, non-dev dependencies of the named
+# step-venv [--without PKG,PKG...] PACKAGE[EXTRA]...
+# Run inside a step's build with the builder image mounted (at /builder in the Containerfiles):
+# installs into /opt/venv exactly the locked, hash-checked, non-dev dependencies of the named
 # workspace packages (e.g. `train fraud-common[kubeflow]`). --without leaves out locked packages
 # that no code path of the step imports (e.g. sqlalchemy's mypy plugin that feast pulls in).
-# Then drops what nothing imports at run time (test suites, C headers) and strips shared
-# libraries' symbol tables. Prints one line, not uv's full listing.
+# Then drops what nothing imports at run time (test suites, C headers) and strips TensorFlow's
+# symbol tables. Prints one line, not uv's full listing.
 set -eu
+builder="$(cd "$(dirname "$0")/../../.." && pwd)"   # this script is <builder>/usr/local/bin/step-venv
+uv="${builder}/usr/local/bin/uv"
 without=""
 if [ "${1:-}" = --without ]; then
     for package in $(echo "${2:?--without needs a comma-separated list}" | tr ',' ' '); do
@@ -14,7 +17,10 @@ if [ "${1:-}" = --without ]; then
     shift 2
 fi
 [ $# -gt 0 ] || { echo "step-venv: name at least one workspace package" >&2; exit 2; }
-uv venv --quiet /opt/venv
+export UV_PYTHON=/usr/local/bin/python3.11 UV_LINK_MODE=copy UV_NO_PROGRESS=1
+export UV_CACHE_DIR="${UV_CACHE_DIR:-/tmp/uv-cache}"
+cd "${builder}/src"
+"${uv}" venv --quiet --allow-existing /opt/venv
 requirements=""
 for spec in "$@"; do
     package=${spec%%\[*}
@@ -24,14 +30,21 @@ for spec in "$@"; do
     fi
     out="/tmp/requirements-${package}.txt"
     # shellcheck disable=SC2086  # extras and exclusions are separate words on purpose
-    uv export --quiet --frozen --no-dev --no-emit-workspace --no-header --package "${package}" ${extras} ${without} -o "${out}"
+    "${uv}" export --quiet --frozen --no-dev --no-emit-workspace --no-header --package "${package}" ${extras} ${without} -o "${out}"
     requirements="${requirements} -r ${out}"
 done
 # shellcheck disable=SC2086
-uv pip install --quiet --python /opt/venv/bin/python --require-hashes --no-deps ${requirements}
+"${uv}" pip install --quiet --python /opt/venv/bin/python --require-hashes --no-deps ${requirements}
+rm -f /tmp/requirements-*.txt
 site=/opt/venv/lib/python3.11/site-packages
 find "${site}" -depth -type d \( -name tests -o -name __pycache__ \) -exec rm -rf {} +
 rm -rf "${site}/tensorflow/include" "${site}/pyarrow/include" "${site}/pyarrow/src"
-# Wheels such as TensorFlow ship unstripped libraries; their dynamic symbols stay.
-find "${site}" -type f -name '*.so*' -size +1M -exec strip --strip-unneeded {} + 2>/dev/null || true
+# TensorFlow's wheel ships its libraries unstripped (~220 MB of symbol tables); their dynamic
+# symbols stay. Only TensorFlow: auditwheel-repaired libraries (numpy's OpenBLAS, ...) are
+# patchelf'd, and strip breaks their load segments. The builder's strip runs on this image's
+# glibc (the same Debian release) with the builder's own libraries.
+if [ -d "${site}/tensorflow" ]; then
+    find "${site}/tensorflow" -type f -name '*.so*' -size +1M -exec \
+        env LD_LIBRARY_PATH="${builder}/usr/lib/x86_64-linux-gnu" "${builder}/usr/bin/strip" --strip-unneeded {} +
+fi
 echo "step-venv: $* -> $(du -sm /opt/venv | cut -f1) MB in /opt/venv"
