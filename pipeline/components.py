@@ -6,7 +6,8 @@ the function because KFP ships each function's source alone into its container.
 
 ``platform`` selects the form of the two cluster-only actions: ``kubernetes`` submits a
 SparkApplication and deploys an InferenceService; ``local`` runs Spark in-process and checks
-that the predictor can load the registered model (the CLI then serves it on localhost).
+that the predictor can load the registered model (the CLI then serves it on localhost);
+``docker`` starts those two as containers of their images (pipeline/docker.py).
 """
 
 
@@ -49,6 +50,12 @@ def prepare_data(
 
         report = prepare(settings.raw_uri, settings.prepared_uri, settings)
         details = {"rows_per_split": report.rows_per_split, "users_without_history": report.users_without_history}
+    elif platform == "docker":
+        from pathlib import Path
+
+        from pipeline.docker import run_spark_job
+
+        details = run_spark_job(settings, spark_image, run_id, timeout_seconds, Path(prepared.path).parent / "spark.log")
     else:
         from pipeline.k8s import launch_spark_preparation
 
@@ -237,6 +244,13 @@ def serve(
 
         check_loadable(settings.with_overrides(model_name=name, serve_model_version=version))
         url = f"http://{settings.serve_host}:{settings.serve_port}"
+    elif platform == "docker":
+        from pathlib import Path
+
+        from pipeline.docker import start_predictor
+
+        url = start_predictor(settings, predictor_image, service_name, name, version, timeout_seconds,
+                              Path(endpoint.path).parent / "predictor.log")
     else:
         from pipeline.k8s import launch_inference_service
 
