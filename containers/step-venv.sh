@@ -4,8 +4,8 @@
 # installs into /opt/venv exactly the locked, hash-checked, non-dev dependencies of the named
 # workspace packages (e.g. `train fraud-common[kubeflow]`). --without leaves out locked packages
 # that no code path of the step imports (e.g. sqlalchemy's mypy plugin that feast pulls in).
-# Then drops what nothing imports at run time (test suites, C headers) and strips TensorFlow's
-# symbol tables. Prints one line, not uv's full listing.
+# Then drops what nothing imports at run time (test suites, C headers) and strips the
+# libraries' symbol tables. Prints one line, not uv's full listing.
 set -eu
 builder="$(cd "$(dirname "$0")/../../.." && pwd)"   # this script is <builder>/usr/local/bin/step-venv
 uv="${builder}/usr/local/bin/uv"
@@ -39,12 +39,15 @@ rm -f /tmp/requirements-*.txt
 site=/opt/venv/lib/python3.11/site-packages
 find "${site}" -depth -type d \( -name tests -o -name __pycache__ \) -exec rm -rf {} +
 rm -rf "${site}/tensorflow/include" "${site}/pyarrow/include" "${site}/pyarrow/src"
-# TensorFlow's wheel ships its libraries unstripped (~220 MB of symbol tables); their dynamic
-# symbols stay. Only TensorFlow: auditwheel-repaired libraries (numpy's OpenBLAS, ...) are
-# patchelf'd, and strip breaks their load segments. The builder's strip runs on this image's
-# glibc (the same Debian release) with the builder's own libraries.
-if [ -d "${site}/tensorflow" ]; then
-    find "${site}/tensorflow" -type f -name '*.so*' -size +1M -exec \
-        env LD_LIBRARY_PATH="${builder}/usr/lib/x86_64-linux-gnu" "${builder}/usr/bin/strip" --strip-unneeded {} +
-fi
+# Strip the symbol tables that wheels ship (TensorFlow ~220 MB, pyarrow ~34 MB, uvloop ...);
+# dynamic symbols stay. Not what auditwheel repaired (vendored *.libs folders and the modules
+# whose RPATH points there): patchelf moved their segments, and strip breaks them. The builder's
+# binutils run on this image's glibc (the same Debian release) with their own libraries.
+binutils_env="LD_LIBRARY_PATH=${builder}/usr/lib/x86_64-linux-gnu"
+find "${site}" -type f -name '*.so*' -size +1M ! -path '*.libs/*' | while read -r lib; do
+    if env "${binutils_env}" "${builder}/usr/bin/readelf" -d "${lib}" 2>/dev/null | grep -q 'R[UN]*PATH.*\.libs'; then
+        continue
+    fi
+    env "${binutils_env}" "${builder}/usr/bin/strip" --strip-unneeded "${lib}"
+done
 echo "step-venv: $* -> $(du -sm /opt/venv | cut -f1) MB in /opt/venv"

@@ -10,15 +10,17 @@ log() { echo "spark-entrypoint: $*" >&2; }
 : "${SPARK_HOME:?SPARK_HOME must point at the pyspark installation}"
 spark_classpath="${SPARK_CLASSPATH:+${SPARK_CLASSPATH}:}${SPARK_HOME}/jars/*"
 
-# OpenShift runs the container with an arbitrary UID (group 0) that has no passwd entry. The JVM
-# then has no user name and no home, and Hadoop's login fails; name the user and the home
-# explicitly instead (no writable /etc/passwd needed).
+# OpenShift runs the container with an arbitrary UID (group 0) that has no passwd entry; the
+# JVM's login (Hadoop's UnixLoginModule) then fails on a null user name. Give that UID an entry
+# through nss_wrapper (a passwd file in /tmp, preloaded), so /etc/passwd stays read-only.
 if ! whoami >/dev/null 2>&1; then
-    export HOME="${HOME:-/tmp}"
-    [ -w "${HOME}" ] || export HOME=/tmp
-    export SPARK_USER="${SPARK_USER:-spark}" HADOOP_USER_NAME="${HADOOP_USER_NAME:-spark}"
-    export JAVA_TOOL_OPTIONS="${JAVA_TOOL_OPTIONS:+${JAVA_TOOL_OPTIONS} }-Duser.name=${SPARK_USER} -Duser.home=${HOME}"
-    log "uid $(id -u) has no passwd entry: running as user '${SPARK_USER}', HOME=${HOME}"
+    [ -n "${HOME:-}" ] && [ -w "${HOME}" ] || export HOME=/tmp
+    passwd_file="$(mktemp /tmp/passwd.XXXXXX)"
+    cat /etc/passwd > "${passwd_file}"
+    echo "spark:x:$(id -u):$(id -g):spark (arbitrary uid):${HOME}:/usr/sbin/nologin" >> "${passwd_file}"
+    export NSS_WRAPPER_PASSWD="${passwd_file}" NSS_WRAPPER_GROUP=/etc/group
+    export LD_PRELOAD="${LD_PRELOAD:+${LD_PRELOAD}:}libnss_wrapper.so"
+    log "uid $(id -u) has no passwd entry: named 'spark' through nss_wrapper, HOME=${HOME}"
 fi
 
 if [ "${FRAUD_S3A_JARS:-include}" = skip ]; then

@@ -233,7 +233,7 @@ def _wait_ready(container: Any, url: str, timeout_seconds: float) -> None:
 
 def _short(run_id: str) -> str:
     """A container-name-safe part of a run id."""
-    cleaned = "".join(ch if ch.isalnum() else "-" for ch in run_id.lower()).strip("-")
+    cleaned = "".join(ch if ch.isascii() and ch.isalnum() else "-" for ch in run_id.lower()).strip("-")
     return cleaned[-40:] or "run"
 
 
@@ -418,19 +418,22 @@ def run_in_images(settings: Settings, users: int, seed: int = 42, serve_forever:
         generated = time.monotonic()
         upload_raw(host_settings, users, seed, data_uri)
         result["generate_seconds"] = round(time.monotonic() - generated, 1)
-        os.umask(0o002)  # kfp.local creates the task folders; the steps (group 0) write into them
         local.init(runner=docker_runner(env, state), pipeline_root=str(runs), raise_on_error=True)
         module = load_pipeline_module()
         pipeline_log = logs / "pipeline.log"
-        with pipeline_log.open("w") as handle, contextlib.redirect_stdout(_Tee(sys.stdout, handle)):
-            ran = time.monotonic()
-            module.fraud_detection_pipeline(
-                data_uri=data_uri, model_name=settings.model_name, min_roc_auc=settings.min_roc_auc,
-                platform="docker", spark_image=images.image("data-preparation"),
-                predictor_image=images.image("rest-predictor"), service_name="fraud-detection",
-                serve_timeout_seconds=300,
-            )
-            result["pipeline_seconds"] = round(time.monotonic() - ran, 1)
+        umask = os.umask(0o002)  # kfp.local makes the task folders here; the steps (group 0) write in them
+        try:
+            with pipeline_log.open("w") as handle, contextlib.redirect_stdout(_Tee(sys.stdout, handle)):
+                ran = time.monotonic()
+                module.fraud_detection_pipeline(
+                    data_uri=data_uri, model_name=settings.model_name, min_roc_auc=settings.min_roc_auc,
+                    platform="docker", spark_image=images.image("data-preparation"),
+                    predictor_image=images.image("rest-predictor"), service_name="fraud-detection",
+                    serve_timeout_seconds=300,
+                )
+                result["pipeline_seconds"] = round(time.monotonic() - ran, 1)
+        finally:
+            os.umask(umask)
         result["pipeline_log"] = str(pipeline_log)
         url = f"http://127.0.0.1:{settings.serve_port}"
         user = example_user(host_settings.with_overrides(data_uri=data_uri))

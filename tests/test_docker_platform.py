@@ -70,7 +70,7 @@ def test_no_engine_is_one_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path:
 
 
 def test_container_names_are_safe_for_any_run_id() -> None:
-    assert docker_platform._short("Run 42/Ü:x") == "run-42--x"  # noqa: SLF001
+    assert docker_platform._short("Run 42/Ü:x") == "run-42---x"  # noqa: SLF001
     assert len(docker_platform._short("x" * 300)) == 40  # noqa: SLF001
 
 
