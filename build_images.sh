@@ -115,6 +115,9 @@ results=()   # "step ref seconds" for the lock file
 report() {  # report STATUS NAME SECONDS DETAIL
     printf '%-5s %-20s %5ss  %s\n' "$1" "$2" "$3" "$4"
 }
+reason() {  # the build's own last words, not the engine's echo of the whole failed instruction
+    grep -v '^Error: building at STEP' "$1" | tail -n 1 | cut -c1-200
+}
 
 for target in builder runtime; do
     ref="${BUILDER}"; [ "${target}" = runtime ] && ref="${RUNTIME}"
@@ -123,7 +126,7 @@ for target in builder runtime; do
     if build "${log}" --file containers/Containerfile.base --target "${target}" --tag "${ref}" .; then
         report ok "base-${target}" "$((SECONDS - started))" "${ref}"
     else
-        report FAIL "base-${target}" "$((SECONDS - started))" "see ${log}: $(tail -n 1 "${log}")"
+        report FAIL "base-${target}" "$((SECONDS - started))" "$(reason "${log}") (log: ${log})"
         echo "build_images.sh: the shared base did not build; no step image can" >&2
         exit 1
     fi
@@ -153,7 +156,7 @@ for entry in "${STEPS[@]}"; do
         built+=("${ref}")
         results+=("${step} ${ref} ${took}")
     else
-        report FAIL "${step}" "$((SECONDS - started))" "see ${log}: $(tail -n 1 "${log}")"
+        report FAIL "${step}" "$((SECONDS - started))" "$(reason "${log}") (log: ${log})"
         failed+=("${step}")
     fi
 done

@@ -351,3 +351,18 @@ def test_train_image_code_version_reaches_the_registry_metadata() -> None:
                           capture_output=True, text=True, timeout=300)
     revision = _inspect(ref)["Config"]["Labels"]["org.opencontainers.image.revision"]
     assert done.stdout.strip() == f"git:{revision}", done.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_spark_image_build_stops_when_a_jar_cannot_be_fetched() -> None:
+    podman = _podman()
+    if subprocess.run([podman, "image", "exists", "localhost/fraud-detection/builder:current"]).returncode != 0:
+        pytest.skip("the shared builder is not built (./build_images.sh)")
+    command = [podman, "build", "--file", "data_preparation/Containerfile", "--target", "jars",
+               "--build-arg", "MAVEN=file:///no/such/repository", "."]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+    assert done.returncode != 0
+    assert "download failed: file:///no/such/repository/org/apache/hadoop/hadoop-aws/" in done.stdout + done.stderr
+    skipped = subprocess.run([*command, "--build-arg", "S3A_JARS=skip"], capture_output=True, text=True,
+                             cwd=REPO_ROOT, timeout=300)
+    assert skipped.returncode == 0, skipped.stderr[-2000:]
