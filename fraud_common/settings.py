@@ -94,6 +94,8 @@ class Settings:
     # s3://) that the predictor copies into ``feast_dir`` before opening the store; empty: none.
     # The pipeline sets it on the predictor to its run's feature-store artifact.
     feast_snapshot_uri: str = _setting("FRAUD_FEAST_SNAPSHOT_URI", "", LOCAL)
+    # The source's `git describe`, baked into each step image by build_images.sh; empty: ask git.
+    code_version: str = _setting("FRAUD_CODE_VERSION", "", LOCAL)
     # Cluster: where the project's objects live and how large the Spark job is.
     namespace: str = _setting("FRAUD_NAMESPACE", "fraud-detection", parameter=True)
     service_name: str = _setting("FRAUD_SERVICE_NAME", "fraud-detection", parameter=True)

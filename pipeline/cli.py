@@ -188,6 +188,15 @@ def run_pipeline_locally(settings: Settings) -> float:
 def cmd_run(args: argparse.Namespace) -> int:
     """Generate data if needed, run the pipeline locally, then serve the new model."""
     settings = _settings(args)
+    if args.platform == "docker":  # every step in its image: pipeline/docker.py
+        from pipeline.docker import DockerPlatformError, run_in_images
+
+        try:
+            run_in_images(settings, users=args.users, seed=args.seed, serve_forever=not args.no_serve)
+        except (DockerPlatformError, RuntimeError) as err:
+            log.error("%s", _plain(str(err)))
+            return 1
+        return 0
     started = time.monotonic()
     raw_train = storage.join(settings.raw_uri, "train.csv")
     if not storage.exists(raw_train, settings):
@@ -265,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true")
     run.add_argument("--no-serve", action="store_true", help="stop after registration")
     run.add_argument("--port", type=int, help="predictor port (default 8081)")
+    run.add_argument("--platform", choices=("local", "docker"), default="local",
+                     help="local: steps in this venv (default); docker: each step in its image (kfp.local DockerRunner)")
     run.set_defaults(func=cmd_run)
 
     srv = sub.add_parser("serve", help="serve the registered model")

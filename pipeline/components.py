@@ -15,7 +15,9 @@ location, the raw CSVs under ``data_uri``.
 ``platform`` selects the form of the two cluster-only actions: ``kubernetes`` submits a
 SparkApplication (which writes straight to the artifact's S3 URI) and deploys an
 InferenceService; ``local`` runs Spark in-process and checks that the predictor loads the
-registered model with the run's store snapshot (the CLI then serves it on localhost).
+registered model with the run's store snapshot (the CLI then serves it on localhost);
+``docker`` starts those two as containers of their images (``pipeline/docker.py``), with the
+data passing through the object store as on a cluster.
 """
 
 
@@ -54,6 +56,18 @@ def prepare_data(
             written = prepared.path
             report = prepare(settings.raw_uri, written, settings)
             details = {"users_without_history": report.users_without_history, "history_rows": report.history_rows}
+        elif platform == "docker":
+            from pathlib import Path
+
+            from pipeline.docker import run_spark_job
+
+            # The Spark container is a sibling of this one: it sees the object store, not this
+            # container's files. It writes under the run's prefix; the artifact gets a copy.
+            staged = storage.join(settings.data_uri, "runs", run_id, "prepared")
+            details = run_spark_job(settings, spark_image, run_id, spark_timeout_seconds,
+                                    Path(prepared.path).parent / "spark.log", input_uri=settings.raw_uri, output_uri=staged)
+            written = prepared.path
+            storage.download(staged, written, settings)
         else:
             from pipeline.k8s import launch_spark_preparation
 
@@ -192,7 +206,7 @@ def register_model(
             feature_names=list(model.metadata["feature_names"]),
             data_fingerprint=str(model.metadata["data_fingerprint"]),
             run_id=run_id,
-            code_version=code_version(),
+            code_version=code_version(settings),
         )
         record = {
             "model_name": version.model_name,
@@ -238,6 +252,18 @@ def serve(
                 model_name=name, serve_model_version=version, feast_snapshot_uri=snapshot, feast_dir=feast_dir
             ))
             url = f"http://{settings.serve_host}:{settings.serve_port}"
+        elif platform == "docker":
+            from pathlib import Path
+
+            from fraud_common import storage
+            from pipeline.docker import start_predictor
+
+            # The predictor container fetches its store snapshot by URI, as a pod does: publish
+            # this version's snapshot to the object store first.
+            snapshot = storage.join(settings.data_uri, "serving", name, version, "feature_store")
+            storage.upload(feature_store.path, snapshot, settings)
+            url = start_predictor(settings, predictor_image, service_name, name, version, serve_timeout_seconds,
+                                  Path(endpoint.path).parent / "predictor.log", feast_snapshot_uri=snapshot)
         else:
             from pipeline.k8s import launch_inference_service
 

@@ -1,5 +1,5 @@
-"""What a cluster user applies, checked without a cluster: kustomize output, RBAC, secrets,
-Containerfiles and the shell scripts.
+"""What a cluster user applies, checked without a cluster: kustomize output, RBAC, secrets
+and the shell scripts (the Containerfiles and build_images.sh: tests/test_images.py).
 
 Manifests are rendered with the real ``kubectl kustomize``; core objects are validated with
 kubernetes-validate, custom resources against the CRD schemas in ../shared/crds.
@@ -13,7 +13,6 @@ import re
 import shutil
 import stat
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import yaml
 
 from conftest import REPO_ROOT
 from fraud_common.settings import Settings
-from pipeline import images, k8s
+from pipeline import k8s
 from test_k8s import crd_errors
 
 K8S_VERSION = "1.32.0"  # the kind node image setup.sh pins (kindest/node:v1.32.x)
@@ -297,67 +296,6 @@ def test_no_credential_literal_outside_the_dev_env_files() -> None:
     assert suspects == []
 
 
-# ---------------------------------------------------------------- Containerfiles
-
-def _containerfile(folder: str) -> str:
-    path = REPO_ROOT / folder / "Containerfile"
-    assert path.is_file(), f"{folder}/Containerfile is missing"
-    return path.read_text()
-
-
-@pytest.mark.parametrize("folder", sorted(images.STEPS.values()))
-def test_containerfile_pins_bases_and_runs_as_non_root(folder: str) -> None:
-    text = _containerfile(folder)
-    args = dict(re.findall(r"^ARG (\w+)=(\S+)", text, flags=re.M))
-    bases = [args.get(m.strip("${}"), m) for m in re.findall(r"^FROM (\S+)", text, flags=re.M)]
-    stages = set(re.findall(r"^FROM \S+ AS (\w+)", text, flags=re.M))
-    for base in bases:
-        if base in stages:
-            continue
-        assert re.fullmatch(r"[\w./-]+:[\w.-]+", base), f"{folder}: base image {base!r} has no exact tag"
-        assert not base.endswith(":latest")
-    assert args["PYTHON_IMAGE"].startswith("docker.io/library/python:")
-    assert re.search(r":3\.11\.\d+-slim-bookworm$", args["PYTHON_IMAGE"]), "exact Python 3.11.x, Debian bookworm"
-    users = re.findall(r"^USER (\S+)", text, flags=re.M)
-    assert users and users[-1] not in ("root", "0"), f"{folder}: the final image must not run as root"
-    for src in re.findall(r"^COPY (?!--from)(\S+) ", text, flags=re.M):
-        assert (REPO_ROOT / src.rstrip("/")).exists(), f"{folder}: COPY source {src} does not exist"
-
-
-@pytest.mark.parametrize("folder", sorted(images.STEPS.values()))
-def test_containerfile_installs_only_locked_dependencies(folder: str, tmp_path: Path) -> None:
-    text = _containerfile(folder).replace("\\\n", " ")
-    exports = re.findall(r"uv export ([^&]*?)-o \S+", text)
-    assert exports, f"{folder}: dependencies must come from `uv export --frozen`"
-    for args in exports:
-        assert "--frozen" in args and "--no-emit-workspace" in args and "--no-dev" in args
-        out = tmp_path / "req.txt"
-        result = subprocess.run(["uv", "export", "--quiet", *args.split(), "-o", str(out)],
-                                cwd=REPO_ROOT, capture_output=True, text=True)
-        assert result.returncode == 0, f"{folder}: uv export {args} failed: {result.stderr}"
-        assert "--hash=sha256:" in out.read_text()
-    assert "--require-hashes" in text
-
-
-def test_spark_image_carries_s3a_jars_matching_pyspark_hadoop() -> None:
-    import pyspark
-
-    text = _containerfile("data_preparation")
-    hadoop_aws = re.search(r"^ARG HADOOP_AWS_VERSION=(\S+)", text, flags=re.M).group(1)
-    assert re.search(r"^ARG AWS_SDK_BUNDLE_VERSION=\d+\.\d+\.\d+$", text, flags=re.M)
-    jars = Path(pyspark.__file__).parent / "jars"
-    client = [p.name for p in jars.glob("hadoop-client-api-*.jar")]
-    assert client == [f"hadoop-client-api-{hadoop_aws}.jar"], f"hadoop-aws {hadoop_aws} must match {client}"
-    assert "sha1sum -c" in text, "downloaded jars must be checksum-verified"
-    assert "spark-entrypoint.sh" in text and (REPO_ROOT / "data_preparation" / "spark-entrypoint.sh").is_file()
-
-
-def test_predictor_image_serves_on_the_port_the_inference_service_uses() -> None:
-    text = _containerfile("rest_predictor")
-    assert f"EXPOSE {k8s.PREDICTOR_PORT}" in text
-    assert '"-m", "rest_predictor.predictor"' in text
-
-
 # ---------------------------------------------------------------- scripts
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(REPO_ROOT)))
@@ -440,23 +378,6 @@ def test_clear_runs_deletes_what_it_printed(fake_kubectl) -> None:
     assert deletes and all("--namespace fraud-detection" in c and c.endswith("sparkapplication.sparkoperator.k8s.io/prepare-abc") for c in deletes)
     assert not any("inferenceservices" in c for c in calls)
     assert "deleting sparkapplication.sparkoperator.k8s.io/prepare-abc" in result.stdout
-
-
-def test_build_images_uses_one_tag_and_loads_into_kind(tmp_path: Path) -> None:
-    # Stand-ins for both engines (podman, preferred, may be installed in /usr/bin): no real build.
-    bin_dir, record = tmp_path / "bin", tmp_path / "calls"
-    bin_dir.mkdir()
-    for tool in ("podman", "docker", "kind"):
-        _fake_tool(bin_dir, tool, record)
-    (bin_dir / "python3").symlink_to(sys.executable)
-    result = _run("build_images.sh", ["--tag", "t1", "--only", "train", "--only", "rest-predictor", "--kind", "dev"], bin_dir)
-    assert result.returncode == 0, result.stderr
-    calls = record.read_text().splitlines()
-    train, predictor = images.image("train", "t1"), images.image("rest-predictor", "t1")
-    assert f"build --file train/Containerfile --tag {train} ." in calls
-    assert f"build --file rest_predictor/Containerfile --tag {predictor} ." in calls
-    assert any(c.startswith("load ") and c.endswith("--name dev") for c in calls)
-    assert not any(c.startswith("push") for c in calls)
 
 
 def test_setup_rejects_unknown_options_before_touching_anything(tmp_path: Path) -> None:

@@ -232,8 +232,9 @@ def test_data_fingerprint_ignores_row_order_but_not_content(frame) -> None:
     assert data_fingerprint(changed) != fingerprint
 
 
-def test_code_version_is_a_nonempty_string() -> None:
-    assert code_version().strip()
+def test_code_version_is_a_nonempty_string(settings) -> None:
+    assert code_version(settings).strip()
+    assert code_version(settings.with_overrides(code_version="abc1234")) == "git:abc1234"
 
 
 def test_register_refuses_below_bar_and_registers_a_good_model(settings, onnx_path) -> None:

@@ -130,8 +130,12 @@ def data_fingerprint(frame: pd.DataFrame) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
-def code_version() -> str:
-    """``git describe`` of the source tree when it is a checkout, else the package version."""
+def code_version(settings: Settings) -> str:
+    """The images' baked-in ``git describe`` (``FRAUD_CODE_VERSION``), else the source tree's,
+    else the package version."""
+    baked = settings.code_version.strip()
+    if baked and baked != "unknown":
+        return f"git:{baked}"
     here = Path(__file__).resolve().parent
     try:
         described = subprocess.run(
