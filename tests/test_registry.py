@@ -111,6 +111,8 @@ class StandInRegistry:
         self._ids = itertools.count(1)
         self._last_ms = 0
         self.lock = threading.Lock()
+        # Answer 503 to every PATCH after this many more (None: never): an interrupted writer.
+        self.patches_left: int | None = None
 
     def stamp(self) -> dict[str, str]:
         """A new id and strictly increasing creation time (milliseconds, as the server sends)."""
@@ -166,6 +168,18 @@ class StandInRegistry:
             record = as_response(mr.ModelArtifact, {**create.to_dict(), **self.stamp()})
             self.artifacts[match[1]] = record
             return 201, record
+        if method == "PATCH" and (match := re.fullmatch(r"/model_versions/([^/]+)", route)):
+            update = strict_parse(mr.ModelVersionUpdate, body)
+            if match[1] not in self.versions:
+                return 404, self.error(404, f"model version id {match[1]!r}")
+            if self.patches_left is not None:
+                if self.patches_left <= 0:
+                    return 503, self.error(503, "stand-in: writer interrupted")
+                self.patches_left -= 1
+            # The sent fields replace the stored ones (customProperties as a whole map).
+            changed = {**self.versions[match[1]], **update.to_dict(), "lastUpdateTimeSinceEpoch": self.stamp()["lastUpdateTimeSinceEpoch"]}
+            self.versions[match[1]] = as_response(mr.ModelVersion, changed)
+            return 200, self.versions[match[1]]
         if method == "GET" and route == "/model_artifact":
             found = self.artifacts.get(query.get("parentResourceId", ""))
             if found is None or found.get("name") != query.get("name"):
