@@ -219,6 +219,22 @@ def check_actor(actor: str, reason: str) -> None:
             raise RegistryError(f"an alias change needs a non-empty {label} (who and why), got {value!r}")
 
 
+def check_move(model_name: str, version: str, alias: str, holder: str, own_alias: str) -> None:
+    """Refuse giving ``alias`` to its holder, or to the champion (``own_alias``: what it holds now)."""
+    if holder == version:
+        raise RegistryError(f"{model_name}:{version} is already the {alias}")
+    if own_alias == CHAMPION:
+        raise RegistryError(f"{model_name}:{version} is the champion; it cannot become {alias}")
+
+
+def check_clear(alias: str, actor: str, reason: str) -> None:
+    """Only the challenger can be cleared (a champion is only ever replaced)."""
+    check_alias(alias, "clear")
+    check_actor(actor, reason)
+    if alias == CHAMPION:
+        raise RegistryError("the champion cannot be cleared, only replaced (promote or rollback)")
+
+
 def champion_or_fallback(model_name: str, versions: list[ModelVersion], history: list[AliasEvent],
                          where: str) -> ModelVersion:
     """The champion among ``versions``; while the model never had one, the newest that passed the gate."""

@@ -56,6 +56,8 @@ from fraud_common.registry.base import (
     champion_or_fallback,
     check_actor,
     check_alias,
+    check_clear,
+    check_move,
     check_names,
     newest_passed_gate,
     normalise_metadata,
@@ -471,20 +473,14 @@ class KubeflowModelRegistry:
             )
         aliases = resolve_aliases(records)
         holder = next((name for name, held in aliases.items() if held == alias), "")
-        if holder == version:
-            raise RegistryError(f"{model_name}:{version} is already the {alias}")
-        if aliases.get(version) == CHAMPION:
-            raise RegistryError(f"{model_name}:{version} is the champion; it cannot become {alias}")
+        check_move(model_name, version, alias, holder, aliases.get(version, ""))
         self._change(model_name, alias, target, holder, kind, actor, reason, records)
         log.info("%s of %s is now %s (%s, by %s: %s)", alias, model_name, version, kind, actor, reason)
         return self.get_version(model_name, version)
 
     def clear_alias(self, model_name: str, alias: str, actor: str, reason: str) -> None:
         """Take ``challenger`` from its holder, recording who and why (no-op without one)."""
-        check_alias(alias, "clear")
-        check_actor(actor, reason)
-        if alias == CHAMPION:
-            raise RegistryError("the champion cannot be cleared, only replaced (promote or rollback)")
+        check_clear(alias, actor, reason)
         records = self._versions(model_name)
         holder = next((name for name, held in resolve_aliases(records).items() if held == alias), "")
         if holder:

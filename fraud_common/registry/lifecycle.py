@@ -135,7 +135,7 @@ def promote(registry: ModelRegistry, model_name: str, version: str, actor: str, 
     candidate = registry.get_version(model_name, version)
     why_not = refusal(candidate)
     if why_not and not force:
-        raise RegistryError(f"{model_name}:{version} was refused at the gate ({why_not}); promote with force to override")
+        raise RegistryError(f"{model_name}:{version} was refused at the gate ({why_not}); pass force (CLI: --force) to override")
     return registry.set_alias(model_name, CHAMPION, version, actor, reason)
 
 

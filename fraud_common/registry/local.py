@@ -30,6 +30,8 @@ from fraud_common.registry.base import (
     champion_or_fallback,
     check_actor,
     check_alias,
+    check_clear,
+    check_move,
     check_names,
     newest_passed_gate,
     normalise_metadata,
@@ -296,13 +298,10 @@ class LocalModelRegistry:
             with self._write() as conn:
                 model_id, version_id = self._ids(conn, model_name, version)
                 held = self._holder(conn, model_id, alias)
-                if held is not None and held[0] == version_id:
-                    raise RegistryError(f"{model_name}:{version} is already the {alias}")
                 own = conn.execute(
                     "SELECT alias FROM model_alias WHERE model_version_id = ?", (version_id,)
                 ).fetchone()
-                if own is not None and own[0] == CHAMPION:
-                    raise RegistryError(f"{model_name}:{version} is the champion; it cannot become {alias}")
+                check_move(model_name, version, alias, held[1] if held else "", own[0] if own else "")
                 if own is not None:  # the challenger being promoted
                     conn.execute("DELETE FROM model_alias WHERE model_version_id = ?", (version_id,))
                 if held is not None:
@@ -324,10 +323,7 @@ class LocalModelRegistry:
 
     def clear_alias(self, model_name: str, alias: str, actor: str, reason: str) -> None:
         """Take ``challenger`` from its holder, recording who and why (no-op without one)."""
-        check_alias(alias, "clear")
-        check_actor(actor, reason)
-        if alias == CHAMPION:
-            raise RegistryError("the champion cannot be cleared, only replaced (promote or rollback)")
+        check_clear(alias, actor, reason)
         try:
             with self._write() as conn:
                 row = conn.execute("SELECT id FROM registered_model WHERE name = ?", (model_name,)).fetchone()
