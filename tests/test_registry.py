@@ -111,6 +111,8 @@ class StandInRegistry:
         self._ids = itertools.count(1)
         self._last_ms = 0
         self.lock = threading.Lock()
+        # Answer 503 to every PATCH after this many more (None: never): an interrupted writer.
+        self.patches_left: int | None = None
 
     def stamp(self) -> dict[str, str]:
         """A new id and strictly increasing creation time (milliseconds, as the server sends)."""
@@ -166,6 +168,18 @@ class StandInRegistry:
             record = as_response(mr.ModelArtifact, {**create.to_dict(), **self.stamp()})
             self.artifacts[match[1]] = record
             return 201, record
+        if method == "PATCH" and (match := re.fullmatch(r"/model_versions/([^/]+)", route)):
+            update = strict_parse(mr.ModelVersionUpdate, body)
+            if match[1] not in self.versions:
+                return 404, self.error(404, f"model version id {match[1]!r}")
+            if self.patches_left is not None:
+                if self.patches_left <= 0:
+                    return 503, self.error(503, "stand-in: writer interrupted")
+                self.patches_left -= 1
+            # The sent fields replace the stored ones (customProperties as a whole map).
+            changed = {**self.versions[match[1]], **update.to_dict(), "lastUpdateTimeSinceEpoch": self.stamp()["lastUpdateTimeSinceEpoch"]}
+            self.versions[match[1]] = as_response(mr.ModelVersion, changed)
+            return 200, self.versions[match[1]]
         if method == "GET" and route == "/model_artifact":
             found = self.artifacts.get(query.get("parentResourceId", ""))
             if found is None or found.get("name") != query.get("name"):
@@ -586,3 +600,218 @@ def test_importing_the_client_leaves_the_root_logger_alone() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, check=True)
     assert result.stdout.strip() == "0"
+
+
+# --- Aliases (champion / challenger) ----------------------------------------------------------
+
+
+def aliases_of(registry: Any) -> list[tuple[str, str, str]]:
+    return [(v.version, v.alias, v.state) for v in registry.list_versions(MODEL)]
+
+
+def test_champion_falls_back_to_newest_passed_until_an_alias_exists(registry: Any) -> None:
+    for name in ("v1", "v2", "v3"):
+        registry.register(MODEL, name, f"/m/{name}.onnx", metadata(passed_gate=name != "v3"))
+    assert registry.get_version(MODEL, alias="champion").version == "v2"  # today's rule, no alias yet
+    with pytest.raises(ModelNotFound, match="no challenger"):
+        registry.get_version(MODEL, alias="challenger")
+    registry.set_alias(MODEL, "champion", "v1", "alice", "first version")
+    # A newer version that passed the gate no longer changes what is served.
+    assert registry.get_version(MODEL, alias="champion").version == "v1"
+    assert registry.get_version(MODEL).version == "v2"  # the default without alias is unchanged
+    assert aliases_of(registry) == [("v1", "champion", "LIVE"), ("v2", "", "LIVE"), ("v3", "", "LIVE")]
+
+
+def test_champion_swap_archives_the_old_one_and_records_who_when_why(registry: Any) -> None:
+    for name in ("v1", "v2"):
+        registry.register(MODEL, name, f"/m/{name}.onnx", metadata())
+    registry.set_alias(MODEL, "champion", "v1", "pipeline", "first version: absolute bars")
+    challenger = registry.set_alias(MODEL, "challenger", "v2", "pipeline", "evaluating")
+    assert (challenger.alias, registry.get_version(MODEL, alias="challenger").version) == ("challenger", "v2")
+    promoted = registry.set_alias(MODEL, "champion", "v2", "bob", "gates passed")
+    assert (promoted.alias, promoted.state) == ("champion", "LIVE")
+    assert aliases_of(registry) == [("v1", "", "ARCHIVED"), ("v2", "champion", "LIVE")]
+    with pytest.raises(ModelNotFound, match="no challenger"):
+        registry.get_version(MODEL, alias="challenger")
+    history = registry.alias_history(MODEL)
+    assert [(e.alias, e.version, e.previous, e.kind, e.actor, e.reason, e.sequence) for e in history] == [
+        ("champion", "v1", "", "set", "pipeline", "first version: absolute bars", 1),
+        ("challenger", "v2", "", "set", "pipeline", "evaluating", 2),
+        ("champion", "v2", "v1", "set", "bob", "gates passed", 3),
+    ]
+    assert all(datetime.fromisoformat(e.at).utcoffset() is not None for e in history)
+    assert history[0].at <= history[1].at <= history[2].at
+    # Back to v1 (a rollback): live again, v2 archived.
+    registry.set_alias(MODEL, "champion", "v1", "carol", "canary failed", kind="rollback")
+    assert aliases_of(registry) == [("v1", "champion", "LIVE"), ("v2", "", "ARCHIVED")]
+    assert registry.alias_history(MODEL)[-1].kind == "rollback"
+
+
+def test_alias_changes_are_checked(registry: Any) -> None:
+    for name in ("v1", "v2"):
+        registry.register(MODEL, name, f"/m/{name}.onnx", metadata())
+    registry.set_alias(MODEL, "champion", "v1", "a", "first")
+    with pytest.raises(RegistryError, match="unknown alias 'production'"):
+        registry.set_alias(MODEL, "production", "v2", "a", "x")
+    with pytest.raises(RegistryError, match="actor"):
+        registry.set_alias(MODEL, "challenger", "v2", " ", "x")
+    with pytest.raises(RegistryError, match="reason"):
+        registry.set_alias(MODEL, "challenger", "v2", "a", "")
+    with pytest.raises(RegistryError, match="already the champion"):
+        registry.set_alias(MODEL, "champion", "v1", "a", "again")
+    with pytest.raises(RegistryError, match="is the champion; it cannot become challenger"):
+        registry.set_alias(MODEL, "challenger", "v1", "a", "x")
+    with pytest.raises(ModelNotFound, match="'v9'"):
+        registry.set_alias(MODEL, "challenger", "v9", "a", "x")
+    with pytest.raises(RegistryError, match="cannot be cleared"):
+        registry.clear_alias(MODEL, "champion", "a", "x")
+    registry.clear_alias(MODEL, "challenger", "a", "nothing to clear")  # no holder: no event
+    assert len(registry.alias_history(MODEL)) == 1
+    registry.set_alias(MODEL, "challenger", "v2", "a", "evaluating")
+    registry.clear_alias(MODEL, "challenger", "gate", "refused: ROC-AUC regression")
+    assert aliases_of(registry) == [("v1", "champion", "LIVE"), ("v2", "", "LIVE")]
+    last = registry.alias_history(MODEL)[-1]
+    assert (last.alias, last.version, last.previous, last.kind, last.reason) == (
+        "challenger", "", "v2", "clear", "refused: ROC-AUC regression")
+
+
+def test_update_metadata_merges_and_keeps_the_alias(registry: Any) -> None:
+    registry.register(MODEL, "v1", "/m/1.onnx", metadata())
+    registry.set_alias(MODEL, "champion", "v1", "a", "first")
+    gates = {"roc_auc": {"passed": True, "challenger": 0.97, "champion": None}}
+    updated = registry.update_metadata(MODEL, "v1", {"gates": gates, "gate_status": "passed"})
+    assert updated.metadata == {**metadata(), "gates": gates, "gate_status": "passed"}
+    assert updated == registry.get_version(MODEL, "v1") and updated.alias == "champion"
+    with pytest.raises(ModelNotFound, match="'v9'"):
+        registry.update_metadata(MODEL, "v9", {"gate_status": "x"})
+
+
+def test_backends_show_the_same_aliases_and_history(tmp_path: Path, stand_in: tuple[StandInRegistry, int]) -> None:
+    local = LocalModelRegistry(tmp_path / "registry.db")
+    kubeflow = KubeflowModelRegistry.from_settings(kubeflow_settings(tmp_path, stand_in[1]))
+    for backend in (local, kubeflow):
+        for name in ("v1", "v2", "v3"):
+            backend.register(MODEL, name, f"/m/{name}.onnx", metadata(run_id=name))
+        backend.set_alias(MODEL, "champion", "v1", "pipeline", "first version")
+        backend.set_alias(MODEL, "challenger", "v2", "pipeline", "evaluating")
+        backend.update_metadata(MODEL, "v2", {"gates": {"brier": {"passed": True}}, "gate_status": "passed"})
+        backend.set_alias(MODEL, "champion", "v2", "alice", "gates passed")
+        backend.set_alias(MODEL, "challenger", "v3", "pipeline", "evaluating")
+        backend.clear_alias(MODEL, "challenger", "pipeline", "refused")
+
+    def comparable(registry: Any) -> tuple[list[ModelVersion], list[dict[str, Any]]]:
+        versions = [
+            dataclasses.replace(v, created_at="", registered_model_id="", version_id="")
+            for v in registry.list_versions(MODEL)
+        ]
+        history = [{**e.to_dict(), "at": ""} for e in registry.alias_history(MODEL)]
+        return versions, history
+
+    assert comparable(local) == comparable(kubeflow)
+    versions, history = comparable(kubeflow)
+    assert [(v.alias, v.state) for v in versions] == [("", "ARCHIVED"), ("champion", "LIVE"), ("", "LIVE")]
+    assert [e["sequence"] for e in history] == [1, 2, 3, 4, 5]
+    assert local.get_version(MODEL, alias="champion") == dataclasses.replace(
+        local.list_versions(MODEL)[1]
+    ) and kubeflow.get_version(MODEL, alias="champion").version == "v2"
+
+
+def test_previous_champion_replays_promotions_and_rollbacks() -> None:
+    from fraud_common.registry.base import AliasEvent, previous_champion
+
+    def events(*steps: tuple[str, str, str]) -> list[AliasEvent]:
+        return [AliasEvent(MODEL, alias, version, "", kind, "a", "r", "", i + 1)
+                for i, (alias, version, kind) in enumerate(steps)]
+
+    assert previous_champion([]) == ""
+    assert previous_champion(events(("champion", "A", "set"))) == ""
+    promoted = [("champion", "A", "set"), ("challenger", "B", "set"), ("champion", "B", "set"), ("champion", "C", "set")]
+    assert previous_champion(events(*promoted)) == "B"
+    assert previous_champion(events(*promoted, ("champion", "B", "rollback"))) == "A"
+    assert previous_champion(events(*promoted, ("champion", "B", "rollback"), ("champion", "A", "rollback"))) == ""
+    assert previous_champion(events(*promoted, ("champion", "B", "rollback"), ("champion", "D", "set"))) == "B"
+
+
+# --- Kubeflow: the two-update swap, interrupted ------------------------------------------------
+
+
+def stored_stages(store: StandInRegistry) -> dict[str, tuple[str, str]]:
+    """Version name -> (raw ``stage`` property, state) as the stand-in holds them."""
+    return {
+        v["name"]: (v.get("customProperties", {}).get("stage", {}).get("string_value", ""), v["state"])
+        for v in store.versions.values()
+    }
+
+
+@pytest.mark.parametrize("patches_before_failure", [0, 1])
+def test_kubeflow_interrupted_swap_shows_exactly_one_champion(
+    tmp_path: Path, stand_in: tuple[StandInRegistry, int], patches_before_failure: int
+) -> None:
+    store, port = stand_in
+    registry = KubeflowModelRegistry.from_settings(kubeflow_settings(tmp_path, port))
+    for name in ("v1", "v2", "v3"):
+        registry.register(MODEL, name, f"/m/{name}.onnx", metadata())
+    registry.set_alias(MODEL, "champion", "v1", "a", "first")
+    store.patches_left = patches_before_failure
+    with pytest.raises(RegistryError, match="HTTP 503"):
+        registry.set_alias(MODEL, "champion", "v2", "a", "better")
+    expected = "v1" if patches_before_failure == 0 else "v2"
+    if patches_before_failure == 1:
+        # The interruption left two claimants in the store...
+        assert stored_stages(store)["v1"] == ("champion", "LIVE")
+        assert stored_stages(store)["v2"] == ("champion", "LIVE")
+    # ...but every read shows one champion, and the other as the finished swap would.
+    champions = [v.version for v in registry.list_versions(MODEL) if v.alias == "champion"]
+    assert champions == [expected]
+    assert registry.get_version(MODEL, alias="champion").version == expected
+    assert registry.get_version(MODEL, "v1").alias == ("champion" if expected == "v1" else "")
+    assert registry.get_version(MODEL, "v1").state == ("LIVE" if expected == "v1" else "ARCHIVED")
+    assert [e.version for e in registry.alias_history(MODEL) if e.alias == "champion"] == (
+        ["v1"] if expected == "v1" else ["v1", "v2"])
+    # The next change repairs the stale claimant.
+    store.patches_left = None
+    registry.set_alias(MODEL, "champion", "v3", "a", "newer")
+    v2_state = "LIVE" if expected == "v1" else "ARCHIVED"  # v2 was champion only if its update went through
+    assert stored_stages(store) == {"v1": ("", "ARCHIVED"), "v2": ("", v2_state), "v3": ("champion", "LIVE")}
+    assert aliases_of(registry) == [("v1", "", "ARCHIVED"), ("v2", "", v2_state), ("v3", "champion", "LIVE")]
+
+
+def test_kubeflow_alias_properties_are_not_metadata() -> None:
+    with pytest.raises(RegistryError, match="'stage' is reserved"):
+        encode_properties({"stage": "champion"})
+    assert decode_properties({"stage": "champion", "stage_sequence": 3, "run_id": "r"}) == {"run_id": "r"}
+
+
+# --- Local: upgrade of a registry written before aliases ----------------------------------------
+
+SCHEMA_1 = """
+CREATE TABLE registered_model (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL UNIQUE,
+    created_at TEXT NOT NULL);
+CREATE TABLE model_version (id INTEGER PRIMARY KEY AUTOINCREMENT,
+    registered_model_id INTEGER NOT NULL REFERENCES registered_model(id), name TEXT NOT NULL,
+    description TEXT NOT NULL DEFAULT '', metadata TEXT NOT NULL, created_at TEXT NOT NULL,
+    UNIQUE (registered_model_id, name));
+CREATE TABLE model_artifact (id INTEGER PRIMARY KEY AUTOINCREMENT,
+    model_version_id INTEGER NOT NULL UNIQUE REFERENCES model_version(id), name TEXT NOT NULL,
+    uri TEXT NOT NULL, model_format_name TEXT NOT NULL, model_format_version TEXT NOT NULL,
+    created_at TEXT NOT NULL);
+INSERT INTO registered_model VALUES (1, 'fraud-detection', '2026-01-01T00:00:00.000+00:00');
+INSERT INTO model_version VALUES (1, 1, 'v1', '', '{"passed_gate": true}', '2026-01-01T00:00:00.000+00:00');
+INSERT INTO model_artifact VALUES (1, 1, 'fraud-detection', '/m/1.onnx', 'onnx', '1', '2026-01-01T00:00:00.000+00:00');
+PRAGMA user_version = 1;
+"""
+
+
+def test_local_registry_from_before_aliases_is_upgraded(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "registry.db"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(SCHEMA_1)
+    registry = LocalModelRegistry(path)
+    assert aliases_of(registry) == [("v1", "", "LIVE")]
+    assert registry.get_version(MODEL, alias="champion").version == "v1"
+    registry.set_alias(MODEL, "champion", "v1", "a", "adopted")
+    assert aliases_of(LocalModelRegistry(path)) == [("v1", "champion", "LIVE")]
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2

@@ -1,10 +1,14 @@
 """The model registry interface: the only way downstream steps find models.
 
 Backends: ``local`` (a SQLite file, for the embedded run) and ``kubeflow`` (the Kubeflow Model
-Registry through the ``model-registry`` client). See ``base.py`` for the contract.
+Registry through the ``model-registry`` client). See ``base.py`` for the contract (versions and
+the ``champion``/``challenger`` aliases) and ``lifecycle.py`` for promote, rollback and approve.
 """
 
 from fraud_common.registry.base import (
+    CHALLENGER,
+    CHAMPION,
+    AliasEvent,
     ModelNotFound,
     ModelRegistry,
     ModelVersion,
@@ -12,7 +16,7 @@ from fraud_common.registry.base import (
 )
 from fraud_common.settings import Settings
 
-__all__ = ["ModelNotFound", "ModelRegistry", "ModelVersion", "RegistryError", "open_registry"]
+__all__ = ["CHALLENGER", "CHAMPION", "AliasEvent", "ModelNotFound", "ModelRegistry", "ModelVersion", "RegistryError", "open_registry"]
 
 
 def open_registry(settings: Settings) -> ModelRegistry:

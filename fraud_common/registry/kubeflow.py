@@ -11,6 +11,23 @@ scalar properties (str, int, float, bool), so:
 
 The artifact (URI, ``model_format_name``, ``model_format_version``) is the version's model
 artifact, named after the registered model (the client's convention).
+
+Aliases. The Kubeflow registry has none, so a version's ``stage`` custom property holds its
+alias (``champion``, ``challenger`` or ""), ``stage_sequence`` the number of the alias change
+that set it, ``stage_set_by``/``_at``/``_reason`` who, when and why, and ``alias_events`` (JSON)
+the alias changes written onto that version; the union over the versions is the history. A
+superseded champion is ``ARCHIVED``. Moving an alias takes two updates, in this order:
+
+1. the new holder gets ``stage=<alias>`` with a ``stage_sequence`` higher than any before (and
+   the event, so the history is complete after this one update);
+2. every other version claiming the alias gets ``stage=""`` (a champion is also archived).
+
+Recovery rule on read: of the versions claiming an alias, the one with the highest
+``stage_sequence`` holds it and the others are read as if step 2 had run (a stale champion
+reads as ``ARCHIVED``). An interruption before step 1 leaves the old holder, one after it the
+new one: never none and never two. The next alias change repairs the stale claimants. (There is
+no compare-and-set: two concurrent promotions may pick the same sequence; the later registered
+version then wins on read.)
 """
 
 from __future__ import annotations
@@ -28,9 +45,19 @@ from urllib.parse import urlparse
 
 from fraud_common.logs import get_logger
 from fraud_common.registry.base import (
+    ALIASES,
+    ARCHIVED,
+    CHAMPION,
+    LIVE,
+    AliasEvent,
     ModelNotFound,
     ModelVersion,
     RegistryError,
+    champion_or_fallback,
+    check_actor,
+    check_alias,
+    check_clear,
+    check_move,
     check_names,
     newest_passed_gate,
     normalise_metadata,
@@ -47,6 +74,14 @@ T = TypeVar("T")
 METRIC_PREFIX = "metric_"
 JSON_KEYS_PROPERTY = "metadata_json_keys"
 DEFAULT_PAGE_SIZE = 100
+STAGE = "stage"
+STAGE_SEQUENCE = "stage_sequence"
+STAGE_SET_BY = "stage_set_by"
+STAGE_SET_AT = "stage_set_at"
+STAGE_REASON = "stage_reason"
+ALIAS_EVENTS = "alias_events"
+# Custom properties that carry aliases, not training metadata.
+ALIAS_PROPERTIES = (STAGE, STAGE_SEQUENCE, STAGE_SET_BY, STAGE_SET_AT, STAGE_REASON, ALIAS_EVENTS)
 
 
 def _import_client() -> type:
@@ -79,10 +114,11 @@ def encode_properties(metadata: dict[str, Any]) -> dict[str, bool | int | float 
     properties: dict[str, bool | int | float | str] = {}
     json_keys: list[str] = []
     for key, value in metadata.items():
-        if key.startswith(METRIC_PREFIX) or key == JSON_KEYS_PROPERTY:
+        if key.startswith(METRIC_PREFIX) or key == JSON_KEYS_PROPERTY or key in ALIAS_PROPERTIES:
             raise RegistryError(
                 f"metadata key {key!r} is reserved by the Kubeflow registry mapping "
-                f"(prefix {METRIC_PREFIX!r}, {JSON_KEYS_PROPERTY!r}); put metrics under 'metrics'"
+                f"(prefix {METRIC_PREFIX!r}, {JSON_KEYS_PROPERTY!r}, the alias properties "
+                f"{', '.join(ALIAS_PROPERTIES)}); put metrics under 'metrics'"
             )
         metrics_flat = (
             key == "metrics"
@@ -105,7 +141,7 @@ def encode_properties(metadata: dict[str, Any]) -> dict[str, bool | int | float 
 
 def decode_properties(properties: dict[str, Any] | None) -> dict[str, Any]:
     """The metadata that ``encode_properties`` turned into ``properties``."""
-    properties = dict(properties or {})
+    properties = {k: v for k, v in (properties or {}).items() if k not in ALIAS_PROPERTIES}
     json_keys = json.loads(str(properties.pop(JSON_KEYS_PROPERTY, "[]")))
     metadata: dict[str, Any] = {}
     metrics: dict[str, Any] = {}
@@ -154,6 +190,35 @@ def _order_key(version: "KubeflowVersion") -> tuple[int, int, str]:
     created = int(version.create_time_since_epoch or 0)
     ident = version.id or ""
     return created, int(ident) if ident.isdigit() else 0, ident
+
+
+def _props(record: "KubeflowVersion") -> dict[str, Any]:
+    return dict(record.custom_properties or {})
+
+
+def _events(model_name: str, record: "KubeflowVersion") -> list[AliasEvent]:
+    """The alias events written onto one version."""
+    raw = _props(record).get(ALIAS_EVENTS)
+    return [AliasEvent.from_dict(model_name, item) for item in json.loads(raw)] if raw else []
+
+
+def _claim_key(record: "KubeflowVersion") -> tuple[int, tuple[int, int, str]]:
+    return int(_props(record).get(STAGE_SEQUENCE) or 0), _order_key(record)
+
+
+def resolve_aliases(records: list["KubeflowVersion"]) -> dict[str, str]:
+    """Version name -> alias by the recovery rule: per alias, the claimant with the highest sequence."""
+    held: dict[str, str] = {}
+    for alias in ALIASES:
+        claimants = [r for r in records if _props(r).get(STAGE) == alias]
+        if claimants:
+            held[max(claimants, key=_claim_key).name] = alias
+    return held
+
+
+def _stale(records: list["KubeflowVersion"], alias: str, keep: str) -> list["KubeflowVersion"]:
+    """Versions other than ``keep`` whose ``stage`` still claims ``alias``."""
+    return [r for r in records if _props(r).get(STAGE) == alias and r.name != keep]
 
 
 class KubeflowModelRegistry:
@@ -277,8 +342,12 @@ class KubeflowModelRegistry:
 
         return sorted(self._call(f"listing versions of {model_name!r}", fetch), key=_order_key)
 
-    def _with_artifact(self, model_name: str, record: "KubeflowVersion") -> ModelVersion:
-        """Our ``ModelVersion`` for a client version record, with its model artifact."""
+    def _with_artifact(self, model_name: str, record: "KubeflowVersion", alias: str = "") -> ModelVersion:
+        """Our ``ModelVersion`` for a client version record, with its model artifact.
+
+        ``alias`` is the one the recovery rule gave it; a champion claimant that lost by that
+        rule reads as archived, as if the interrupted swap had finished.
+        """
         artifact = self._call(
             f"reading the artifact of {model_name}:{record.name}",
             self._client.get_model_artifact,
@@ -290,6 +359,9 @@ class KubeflowModelRegistry:
                 f"version {record.name!r} of model {model_name!r} in {self.address} has no model artifact "
                 "(registration interrupted?)"
             )
+        state = getattr(record.state, "value", record.state) or LIVE
+        if _props(record).get(STAGE) == CHAMPION and alias != CHAMPION:
+            state = ARCHIVED
         return ModelVersion(
             model_name=model_name,
             version=record.name,
@@ -300,29 +372,132 @@ class KubeflowModelRegistry:
             created_at=_iso_from_epoch_ms(record.create_time_since_epoch),
             registered_model_id=record.registered_model_id or "",
             version_id=record.id or "",
+            alias=alias,
+            state=str(state),
         )
 
     def list_versions(self, model_name: str) -> list[ModelVersion]:
         """All versions of a model, oldest first (empty if the model is unknown)."""
-        return [self._with_artifact(model_name, record) for record in self._versions(model_name)]
+        records = self._versions(model_name)
+        aliases = resolve_aliases(records)
+        return [self._with_artifact(model_name, r, aliases.get(r.name, "")) for r in records]
 
-    def get_version(self, model_name: str, version: str | None = None) -> ModelVersion:
-        """A named version, or with ``version=None`` the newest that passed the gate."""
+    def get_version(self, model_name: str, version: str | None = None, alias: str | None = None) -> ModelVersion:
+        """A named version; or the holder of ``alias``; or with neither the newest that passed the gate."""
+        where = f"the Kubeflow model registry at {self.address}"
         if version is not None:
             record = self._find_version(model_name, version)
             if record is None:
-                raise ModelNotFound(
-                    f"model {model_name!r} has no version {version!r} in the Kubeflow model registry at {self.address}"
-                )
-            return self._with_artifact(model_name, record)
+                raise ModelNotFound(f"model {model_name!r} has no version {version!r} in {where}")
+            if not _props(record).get(STAGE):
+                return self._with_artifact(model_name, record)
+            # It claims an alias: whether it holds it depends on the other versions.
+            return self._with_artifact(model_name, record, resolve_aliases(self._versions(model_name)).get(version, ""))
         records = {record.name: record for record in self._versions(model_name)}
+        aliases = resolve_aliases(list(records.values()))
         # Choose on metadata alone, then fetch only the chosen version's artifact.
         candidates = [
-            ModelVersion(model_name, name, "", metadata=decode_properties(record.custom_properties))
+            ModelVersion(model_name, name, "", metadata=decode_properties(record.custom_properties),
+                         alias=aliases.get(name, ""))
             for name, record in records.items()
         ]
-        chosen = newest_passed_gate(model_name, candidates, f"the Kubeflow model registry at {self.address}")
-        return self._with_artifact(model_name, records[chosen.version])
+        if alias is None:
+            chosen = newest_passed_gate(model_name, candidates, where)
+        elif alias == CHAMPION:
+            history = [event for record in records.values() for event in _events(model_name, record)]
+            chosen = champion_or_fallback(model_name, candidates, history, where)
+        else:
+            check_alias(alias)
+            found = [c for c in candidates if c.alias == alias]
+            if not found:
+                raise ModelNotFound(f"model {model_name!r} has no {alias} in {where}")
+            chosen = found[0]
+        return self._with_artifact(model_name, records[chosen.version], aliases.get(chosen.version, ""))
+
+    def _update(self, what: str, record: "KubeflowVersion", properties: dict[str, Any], state: str | None = None) -> None:
+        """One PATCH of a version: its custom properties (all of them, as the client sends) and state."""
+        from model_registry.types import ModelVersionState
+
+        changes: dict[str, Any] = {"custom_properties": properties}
+        if state is not None:
+            changes["state"] = ModelVersionState(state)
+        self._call(what, self._client.update, record.model_copy(update=changes))
+
+    def alias_history(self, model_name: str) -> list[AliasEvent]:
+        """Every alias change of the model, oldest first (the union of the versions' events)."""
+        events = [event for record in self._versions(model_name) for event in _events(model_name, record)]
+        return sorted(events, key=lambda e: e.sequence)
+
+    def _change(self, model_name: str, alias: str, target: "KubeflowVersion | None", previous: str,
+                kind: str, actor: str, reason: str, records: list["KubeflowVersion"]) -> None:
+        """Step 1 (the target claims ``alias``, or for a clear the holder drops it) then step 2."""
+        sequence = 1 + max(
+            [e.sequence for r in records for e in _events(model_name, r)]
+            + [int(_props(r).get(STAGE_SEQUENCE) or 0) for r in records],
+            default=0,
+        )
+        at = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+        event = AliasEvent(model_name, alias, target.name if target else "", previous, kind, actor, reason, at, sequence)
+        carrier = target if target is not None else next(r for r in records if r.name == previous)
+        properties = {
+            **_props(carrier),
+            STAGE: alias if target is not None else "",
+            STAGE_SEQUENCE: sequence,
+            STAGE_SET_BY: actor,
+            STAGE_SET_AT: at,
+            STAGE_REASON: reason,
+            ALIAS_EVENTS: json.dumps([e.to_dict() for e in _events(model_name, carrier)] + [event.to_dict()]),
+        }
+        self._update(f"setting the {alias} of {model_name} to {event.version or '(none)'}", carrier, properties,
+                     LIVE if target is not None else None)
+        for stale in _stale(records, alias, keep=target.name if target else ""):
+            if stale.name == carrier.name:
+                continue
+            self._update(
+                f"taking the {alias} from {model_name}:{stale.name}",
+                stale,
+                {**_props(stale), STAGE: ""},
+                ARCHIVED if alias == CHAMPION else None,
+            )
+
+    def set_alias(self, model_name: str, alias: str, version: str, actor: str, reason: str,
+                  kind: str = "set") -> ModelVersion:
+        """Give ``alias`` to ``version`` in two updates, safe to interrupt (module docstring)."""
+        check_alias(alias, kind)
+        check_actor(actor, reason)
+        records = self._versions(model_name)
+        target = next((r for r in records if r.name == version), None)
+        if target is None:
+            raise ModelNotFound(
+                f"model {model_name!r} has no version {version!r} in the Kubeflow model registry at {self.address}"
+            )
+        aliases = resolve_aliases(records)
+        holder = next((name for name, held in aliases.items() if held == alias), "")
+        check_move(model_name, version, alias, holder, aliases.get(version, ""))
+        self._change(model_name, alias, target, holder, kind, actor, reason, records)
+        log.info("%s of %s is now %s (%s, by %s: %s)", alias, model_name, version, kind, actor, reason)
+        return self.get_version(model_name, version)
+
+    def clear_alias(self, model_name: str, alias: str, actor: str, reason: str) -> None:
+        """Take ``challenger`` from its holder, recording who and why (no-op without one)."""
+        check_clear(alias, actor, reason)
+        records = self._versions(model_name)
+        holder = next((name for name, held in resolve_aliases(records).items() if held == alias), "")
+        if holder:
+            self._change(model_name, alias, None, holder, "clear", actor, reason, records)
+            log.info("%s of %s cleared (was %s; by %s: %s)", alias, model_name, holder, actor, reason)
+
+    def update_metadata(self, model_name: str, version: str, changes: dict[str, Any]) -> ModelVersion:
+        """Set some metadata keys of a version (one update); other keys and the alias are kept."""
+        record = self._find_version(model_name, version)
+        if record is None:
+            raise ModelNotFound(
+                f"model {model_name!r} has no version {version!r} in the Kubeflow model registry at {self.address}"
+            )
+        merged = {**decode_properties(record.custom_properties), **normalise_metadata(changes)}
+        kept = {k: v for k, v in _props(record).items() if k in ALIAS_PROPERTIES}
+        self._update(f"updating the metadata of {model_name}:{version}", record, {**encode_properties(merged), **kept})
+        return self.get_version(model_name, version)
 
 
 _runner: ThreadPoolExecutor | None = None
