@@ -73,6 +73,10 @@ class Settings:
     # A published Feast store snapshot (folder with registry.db and online_store.db, local or
     # s3://) that the predictor copies into ``feast_dir`` before opening the store; empty: none.
     feast_snapshot_uri: str = ""
+    # Where each card's history state lives (the push path writes it, transaction scoring reads
+    # it): empty for a SQLite file in ``feast_dir`` (no server), or a Redis URL (redis://,
+    # rediss://, unix://) shared by every predictor replica.
+    online_store_url: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -106,6 +110,7 @@ class Settings:
             log_level=env.get("FRAUD_LOG_LEVEL", "INFO"),
             serve_model_version=env.get("FRAUD_SERVE_MODEL_VERSION", ""),
             feast_snapshot_uri=env.get("FRAUD_FEAST_SNAPSHOT_URI", "").rstrip("/"),
+            online_store_url=env.get("FRAUD_ONLINE_STORE_URL", ""),
         )
 
     @property
@@ -150,4 +155,5 @@ class Settings:
             "FRAUD_LOG_LEVEL": self.log_level,
             "FRAUD_SERVE_MODEL_VERSION": self.serve_model_version,
             "FRAUD_FEAST_SNAPSHOT_URI": self.feast_snapshot_uri,
+            "FRAUD_ONLINE_STORE_URL": self.online_store_url,
         }

@@ -53,8 +53,10 @@ import kserve
 import numpy as np
 from fastapi.exceptions import RequestValidationError
 from kserve import InferRequest
+from kserve.errors import InvalidInput
 from starlette.exceptions import HTTPException
 
+from fraud_common import history, schemas
 from fraud_common.logs import get_logger, setup_logging
 from fraud_common.registry import ModelRegistry, open_registry
 from fraud_common.settings import Settings
@@ -70,12 +72,34 @@ from rest_predictor.errors import (
 )
 from rest_predictor.model_artifact import LoadedModel, fetch_artifact, open_session, resolve_version
 from rest_predictor.online_features import FEATURE_READS, OnlineFeatureReader
-from rest_predictor.payloads import parse_v1, parse_v2, v1_response, v2_response
+from rest_predictor.history_store import HistoryStore, HistoryStoreError, Recorded, open_history_store, seed_from_prepared
+from rest_predictor.payloads import (
+    USER_ID,
+    USER_IDS,
+    V2_INPUT,
+    _checked_user_id,
+    _decode_json,
+    parse_v1,
+    parse_v2,
+    v1_response,
+    v1_transaction_response,
+    v2_response,
+    v2_user_ids,
+)
+from rest_predictor.transactions import (
+    Transactions,
+    format_us,
+    parse_json_transactions,
+    parse_v2_transactions,
+    v2_input_types,
+    v2_output_types,
+)
 from rest_predictor.request_guard import GuardedDataPlane, StrictJsonMiddleware
 
 log = get_logger(__name__)
 
 SERVED_NAME = metrics.MODEL_NAME
+PUSH_PATH = "/v1/transactions"
 
 
 @dataclass
@@ -86,6 +110,8 @@ class Scoring:
     features: np.ndarray
     batch: bool
     v2_request: InferRequest | None = None
+    transactions: Transactions | None = None  # the transaction form: what was scored, as of when
+    history_rows: np.ndarray | None = None  # [n, 6] float64 history features of the transactions
 
 
 class FraudPredictor(kserve.Model):
@@ -106,6 +132,8 @@ class FraudPredictor(kserve.Model):
         self.feature_read = feature_read
         self.model: LoadedModel | None = None
         self.features: OnlineFeatureReader | None = None
+        self.history: HistoryStore | None = None
+        self._columns: list[int] = []  # model input position -> position in schemas.MODEL_FEATURES
 
     def load(self) -> bool:
         """Resolve, fetch and open the model and the feature store; ready only if both work."""
@@ -117,7 +145,16 @@ class FraudPredictor(kserve.Model):
         features = OnlineFeatureReader.open(self.settings, model.feature_names, self.feature_read)
         features.probe()
         model.score(np.zeros((1, len(model.feature_names)), dtype=np.float32))  # the session answers
-        self.model, self.features = model, features
+        try:
+            history_store = open_history_store(self.settings)
+            seed_from_prepared(history_store, self.settings)
+            history_store.read(["__readiness_probe__"])
+        except (HistoryStoreError, OSError) as err:
+            raise PredictorLoadError(f"the card history store cannot be used: {err}") from err
+        if sorted(model.feature_names) != sorted(schemas.MODEL_FEATURES):
+            raise PredictorLoadError(f"model takes {model.feature_names}; transactions give {list(schemas.MODEL_FEATURES)}")
+        self._columns = [schemas.MODEL_FEATURES.index(name) for name in model.feature_names]
+        self.model, self.features, self.history = model, features, history_store
         self.ready = True
         log.info(
             "serving model %s version %s (%s), threshold %.4f, features from %s (%s)",
@@ -136,14 +173,57 @@ class FraudPredictor(kserve.Model):
         assert features is not None, "preprocess called before load"
         limit = self.settings.max_batch_size
         if isinstance(payload, InferRequest):
+            inputs = payload.inputs or []
+            if len(inputs) > 1 and any(i.name == V2_INPUT for i in inputs):
+                ids = v2_user_ids(next(i for i in inputs if i.name == V2_INPUT), limit)
+                return self.score_transactions(parse_v2_transactions(payload, ids), payload)
             user_ids, batch, v2_request = parse_v2(payload, limit), True, payload
         else:
+            if isinstance(payload, (bytes, str)):
+                payload = _decode_json(payload)
+            if isinstance(payload, dict) and set(payload) - {USER_ID, USER_IDS}:
+                return self.score_transactions(parse_json_transactions(payload, limit, _checked_user_id))
             (user_ids, batch), v2_request = parse_v1(payload, limit), None
         rows, missing = features.read(user_ids)
         if missing:
             metrics.UNKNOWN_USERS.inc(len(missing))
             raise UnknownUser(missing)
         return Scoring(user_ids, rows, batch, v2_request)
+
+    def score_transactions(self, txns: Transactions, v2_request: InferRequest | None = None) -> Scoring:
+        """The model inputs of new transactions: their own fields and their cards' history as of
+        each transaction's time (one store read). ``InvalidInput`` for a time before the card's
+        latest recorded transaction (the store cannot tell what was known then)."""
+        assert self.history is not None and txns.fields is not None
+        states = self.history.read(txns.user_ids)
+        rows = np.empty((len(states), len(schemas.MODEL_FEATURES)), dtype=np.float32)
+        rows[:, : txns.fields.shape[1]] = txns.fields
+        history_rows = np.empty((len(states), len(schemas.HISTORY_FEATURES)), dtype=np.float64)
+        for i, (state, when) in enumerate(zip(states, txns.when_us.tolist())):
+            if state.count and when < state.last_us:
+                raise InvalidInput(
+                    f"date_of_transaction {format_us(when)} of {txns.user_ids[i]!r} is before the card's latest "
+                    f"recorded transaction ({format_us(state.last_us)}); history is known only as of a later time"
+                )
+            history_rows[i] = history.history_features(state, when)
+        rows[:, txns.fields.shape[1] :] = history_rows
+        return Scoring(txns.user_ids, rows[:, self._columns], txns.batch, v2_request, txns, history_rows)
+
+    def record(self, txns: Transactions) -> None:
+        """Record pushed transactions in their cards' histories (one atomic store update)."""
+        assert self.history is not None and txns.amounts is not None
+        self.history.record([
+            Recorded(user_id, amount, when)
+            for user_id, amount, when in zip(txns.user_ids, txns.amounts.tolist(), txns.when_us.tolist())
+        ])
+
+    def get_input_types(self) -> list[dict]:
+        """v2 metadata: every input the v2 route takes (see ``rest_predictor.transactions``)."""
+        return v2_input_types()
+
+    def get_output_types(self) -> list[dict]:
+        """v2 metadata: the outputs of every v2 answer."""
+        return v2_output_types()
 
     def validate(self, payload: Any) -> Any:
         """``preprocess`` has checked the request; kserve's generic payload checks do not apply."""
@@ -157,10 +237,14 @@ class FraudPredictor(kserve.Model):
         metrics.SCORED_USERS.inc(len(payload.user_ids))
         if payload.v2_request is not None:
             return v2_response(payload.v2_request, scores, model.threshold, self.name, model.version)
+        if payload.transactions is not None:
+            return v1_transaction_response(
+                payload.transactions, payload.history_rows, scores, model.threshold, model.model_name, model.version
+            )
         return v1_response(payload.user_ids, payload.batch, scores, model.threshold, model.model_name, model.version)
 
 
-def build_server(settings: Settings) -> kserve.ModelServer:
+def build_server(settings: Settings, predictor: FraudPredictor | None = None) -> kserve.ModelServer:
     """A one-process ModelServer on ``settings.serve_port`` with request guards, metrics and two handlers.
 
     kserve serves one global FastAPI app and maps its own error types there; we add only what it
@@ -185,8 +269,31 @@ def build_server(settings: Settings) -> kserve.ModelServer:
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(HTTPException, http_error_handler)
     app.add_middleware(StrictJsonMiddleware)
+    if predictor is not None:
+        add_push_route(app, predictor)
     app.add_middleware(metrics.RequestMetricsMiddleware)  # added last = outermost: counts the guard's 400s too
     return server
+
+
+def add_push_route(app, predictor: FraudPredictor) -> None:  # noqa: ANN001 - FastAPI
+    """``POST /v1/transactions``: record one transaction or ``{"transactions": [...]}`` in the cards' histories.
+
+    A transaction to record needs ``user_id`` and ``transaction_amount``; ``date_of_transaction``
+    defaults to now; the model's fields may come along (checked, not stored). Answers
+    ``{"recorded": n}``; bad bodies are 400s naming the field, too many transactions a 413.
+    """
+    from fastapi import Request
+    from fastapi.responses import ORJSONResponse
+
+    async def push(request: Request) -> ORJSONResponse:
+        body = _decode_json(await request.body())
+        if not isinstance(body, dict):
+            raise InvalidInput(f"push body must be a JSON object (a transaction or {{\"transactions\": [...]}}), got {type(body).__name__}")
+        txns = parse_json_transactions(body, predictor.settings.max_batch_size, _checked_user_id, for_push=True)
+        predictor.record(txns)
+        return ORJSONResponse({"recorded": len(txns.user_ids)})
+
+    app.add_api_route(PUSH_PATH, push, methods=["POST"], summary="Record transactions in the cards' histories")
 
 
 def serve(
@@ -201,7 +308,7 @@ def serve(
     """
     predictor = FraudPredictor(settings, registry, feature_read=feature_read)
     predictor.load()
-    server = build_server(settings)
+    server = build_server(settings, predictor)
     use_uvloop()
     if on_ready is not None:
         threading.Thread(target=_call_when_ready, args=(settings.serve_port, on_ready), daemon=True).start()
