@@ -51,7 +51,9 @@ from typing import Any, Callable, Sequence
 
 import kserve
 import numpy as np
+from fastapi import Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from kserve import InferRequest
 from kserve.errors import InvalidInput
 from starlette.exceptions import HTTPException
@@ -282,16 +284,13 @@ def add_push_route(app, predictor: FraudPredictor) -> None:  # noqa: ANN001 - Fa
     defaults to now; the model's fields may come along (checked, not stored). Answers
     ``{"recorded": n}``; bad bodies are 400s naming the field, too many transactions a 413.
     """
-    from fastapi import Request
-    from fastapi.responses import ORJSONResponse
-
-    async def push(request: Request) -> ORJSONResponse:
+    async def push(request: Request) -> JSONResponse:
         body = _decode_json(await request.body())
         if not isinstance(body, dict):
             raise InvalidInput(f"push body must be a JSON object (a transaction or {{\"transactions\": [...]}}), got {type(body).__name__}")
         txns = parse_json_transactions(body, predictor.settings.max_batch_size, _checked_user_id, for_push=True)
         predictor.record(txns)
-        return ORJSONResponse({"recorded": len(txns.user_ids)})
+        return JSONResponse({"recorded": len(txns.user_ids)})
 
     app.add_api_route(PUSH_PATH, push, methods=["POST"], summary="Record transactions in the cards' histories")
 
