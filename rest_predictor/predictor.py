@@ -20,10 +20,24 @@ Wire formats
   ``FRAUD_MAX_BATCH_SIZE`` ids. ``prediction`` is always the model's ``[n, 1]`` output and
   ``fraud`` is ``prediction >= threshold`` (the threshold stored with the model).
 
-``POST /v2/models/onnx-model/infer`` (Open Inference Protocol): one input ``user_id``, datatype
-``BYTES``, shape ``[n]`` (or ``[n, 1]``); outputs ``prediction`` (FP32 ``[n, 1]``) and ``fraud``
-(BOOL ``[n]``), ``model_version`` set. kserve also serves ``/v2/health/ready``,
-``/v2/models/onnx-model`` (metadata), ``/v1/models/onnx-model`` and ``/metrics``.
+* a new transaction: ``{"user_id": "user_0", "distance_from_home": 12.3,
+  "distance_from_last_transaction": 0.4, "ratio_to_median_purchase_price": 1.9,
+  "repeat_retailer": 1, "used_chip": 0, "used_pin_number": 0, "online_order": 1}`` (optional
+  ``transaction_amount``, ``date_of_transaction``: ISO 8601, default now) → the same answer plus
+  ``as_of`` and ``history`` (the six history features, derived from the card's history state as of
+  that time, ``rest_predictor.history_store``); ``{"transactions": [...]}`` for a batch.
+
+``POST /v2/models/onnx-model/infer`` (Open Inference Protocol): input ``user_id`` (BYTES
+``[n]``) alone scores stored users; with the seven transaction fields as inputs of the same name
+(FP32 / BOOL ``[n]``, optional ``date_of_transaction`` BYTES) it scores new transactions. JSON and
+binary tensor bodies both work; a body without ``Inference-Header-Content-Length`` is JSON
+whatever its content type. Outputs ``prediction`` (FP32 ``[n, 1]``) and ``fraud`` (BOOL ``[n]``),
+``model_version`` set; ``GET /v2/models/onnx-model`` lists every input and output with datatype
+and shape. kserve also serves ``/v2/health/ready``, ``/v1/models/onnx-model`` and ``/metrics``.
+
+``POST /v1/transactions`` records ``{"user_id", "transaction_amount"[, "date_of_transaction"]}``
+(or ``{"transactions": [...]}``) in the cards' history states, atomically per batch, and answers
+``{"recorded": n}``; ``python -m rest_predictor.push`` is its CLI.
 
 Errors are HTTP errors with body ``{"error": "<what was wrong>"}``, raised as ``kserve.errors``
 types: 400 (``InvalidInput``) for a body that is not strict JSON (``NaN``, lone surrogates,
