@@ -219,6 +219,41 @@ class RedisHistoryStore:
         self.client.close()
 
 
+class AsyncRedisHistory:
+    """The Redis store's read and record for the server's event loop (``redis.asyncio``): a
+    request waiting on Redis does not hold up the others. Same keys, same WATCH/MULTI fold."""
+
+    def __init__(self, url: str, max_retries: int = 1000) -> None:
+        import redis
+        import redis.asyncio
+
+        self.client = redis.asyncio.Redis.from_url(url)
+        self.max_retries = max_retries
+        self._watch_error = redis.WatchError
+
+    async def read(self, user_ids: Sequence[str]) -> list[HistoryState]:
+        raw = await self.client.mget([RedisHistoryStore.key(u) for u in user_ids])
+        return [history.decode(value) if value is not None else history.EMPTY for value in raw]
+
+    async def record(self, transactions: Sequence[Recorded]) -> None:
+        users = list(dict.fromkeys(t.user_id for t in transactions))
+        keys = [RedisHistoryStore.key(u) for u in users]
+        async with self.client.pipeline(transaction=True) as pipe:
+            for _ in range(self.max_retries):
+                try:
+                    await pipe.watch(*keys)
+                    raw = await pipe.mget(keys)
+                    states = {u: history.decode(v) for u, v in zip(users, raw) if v is not None}
+                    updated = fold(states, transactions)
+                    pipe.multi()
+                    pipe.mset({RedisHistoryStore.key(u): history.encode(s) for u, s in updated.items()})
+                    await pipe.execute()
+                    return
+                except self._watch_error:
+                    continue
+        raise HistoryStoreError(f"gave up recording {len(transactions)} transactions after {self.max_retries} conflicts")
+
+
 def _values(state: HistoryState) -> tuple:
     return tuple(getattr(state, name) for name in history.STATE_FIELDS)
 

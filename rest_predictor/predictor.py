@@ -88,7 +88,15 @@ from rest_predictor.errors import (
 )
 from rest_predictor.model_artifact import LoadedModel, fetch_artifact, open_session, resolve_version
 from rest_predictor.online_features import FEATURE_READS, OnlineFeatureReader
-from rest_predictor.history_store import HistoryStore, HistoryStoreError, Recorded, open_history_store, seed_from_prepared
+from rest_predictor.history_store import (
+    AsyncRedisHistory,
+    HistoryStore,
+    HistoryStoreError,
+    Recorded,
+    RedisHistoryStore,
+    open_history_store,
+    seed_from_prepared,
+)
 from rest_predictor.payloads import (
     USER_ID,
     USER_IDS,
@@ -149,6 +157,7 @@ class FraudPredictor(kserve.Model):
         self.model: LoadedModel | None = None
         self.features: OnlineFeatureReader | None = None
         self.history: HistoryStore | None = None
+        self.async_history: AsyncRedisHistory | None = None  # the event loop's client of a Redis store
         self._columns: list[int] = []  # model input position -> position in schemas.MODEL_FEATURES
 
     def load(self) -> bool:
@@ -171,6 +180,8 @@ class FraudPredictor(kserve.Model):
             raise PredictorLoadError(f"model takes {model.feature_names}; transactions give {list(schemas.MODEL_FEATURES)}")
         self._columns = [schemas.MODEL_FEATURES.index(name) for name in model.feature_names]
         self.model, self.features, self.history = model, features, history_store
+        if isinstance(history_store, RedisHistoryStore):
+            self.async_history = AsyncRedisHistory(history_store.url)
         self.ready = True
         log.info(
             "serving model %s version %s (%s), threshold %.4f, features from %s (%s)",
@@ -188,17 +199,14 @@ class FraudPredictor(kserve.Model):
         features = self.features
         assert features is not None, "preprocess called before load"
         limit = self.settings.max_batch_size
+        if isinstance(payload, (bytes, str)):
+            payload = _decode_json(payload)
+        txns = self.parse_transactions(payload)
+        if txns is not None:
+            return self.score_transactions(txns, self.history.read(txns.user_ids), _v2(payload))
         if isinstance(payload, InferRequest):
-            inputs = payload.inputs or []
-            if len(inputs) > 1 and any(i.name == V2_INPUT for i in inputs):
-                ids = v2_user_ids(next(i for i in inputs if i.name == V2_INPUT), limit)
-                return self.score_transactions(parse_v2_transactions(payload, ids), payload)
             user_ids, batch, v2_request = parse_v2(payload, limit), True, payload
         else:
-            if isinstance(payload, (bytes, str)):
-                payload = _decode_json(payload)
-            if isinstance(payload, dict) and set(payload) - {USER_ID, USER_IDS}:
-                return self.score_transactions(parse_json_transactions(payload, limit, _checked_user_id))
             (user_ids, batch), v2_request = parse_v1(payload, limit), None
         rows, missing = features.read(user_ids)
         if missing:
@@ -206,12 +214,45 @@ class FraudPredictor(kserve.Model):
             raise UnknownUser(missing)
         return Scoring(user_ids, rows, batch, v2_request)
 
-    def score_transactions(self, txns: Transactions, v2_request: InferRequest | None = None) -> Scoring:
-        """The model inputs of new transactions: their own fields and their cards' history as of
-        each transaction's time (one store read). ``InvalidInput`` for a time before the card's
-        latest recorded transaction (the store cannot tell what was known then)."""
-        assert self.history is not None and txns.fields is not None
-        states = self.history.read(txns.user_ids)
+    def parse_transactions(self, payload: Any) -> Transactions | None:
+        """The transactions of a transaction-form request, or None for the stored-user form.
+
+        v1: an object with keys other than ``user_id``/``user_ids``; v2: ``user_id`` with more inputs.
+        """
+        limit = self.settings.max_batch_size
+        if isinstance(payload, InferRequest):
+            inputs = payload.inputs or []
+            if len(inputs) > 1 and any(i.name == V2_INPUT for i in inputs):
+                ids = v2_user_ids(next(i for i in inputs if i.name == V2_INPUT), limit)
+                return parse_v2_transactions(payload, ids)
+            return None
+        if isinstance(payload, dict) and set(payload) - {USER_ID, USER_IDS}:
+            return parse_json_transactions(payload, limit, _checked_user_id)
+        return None
+
+    async def __call__(self, body: Any, headers: dict[str, str] | None = None, verb: Any = None) -> Any:
+        """kserve's call, except that a transaction request over a Redis store awaits its history
+        read (``redis.asyncio``) instead of blocking the event loop during the round trip; the
+        rest of it (parse, features, ONNX, answer) is the same code as ``preprocess``/``predict``."""
+        from kserve.model import InferenceVerb
+
+        verb = InferenceVerb.PREDICT if verb is None else verb
+        if self.async_history is None or verb != InferenceVerb.PREDICT:
+            return await super().__call__(body, headers, verb)
+        payload = _decode_json(body) if isinstance(body, (bytes, str)) else body
+        txns = self.parse_transactions(payload)
+        if txns is None:
+            return await super().__call__(body, headers, verb)
+        states = await self.async_history.read(txns.user_ids)
+        return self.predict(self.score_transactions(txns, states, _v2(payload)), headers), {}
+
+    def score_transactions(
+        self, txns: Transactions, states: list[history.HistoryState], v2_request: InferRequest | None = None
+    ) -> Scoring:
+        """The model inputs of new transactions: their own fields and their cards' history states
+        (one store read) as of each transaction's time. ``InvalidInput`` for a time before the
+        card's latest recorded transaction (the store cannot tell what was known then)."""
+        assert txns.fields is not None
         rows = np.empty((len(states), len(schemas.MODEL_FEATURES)), dtype=np.float32)
         rows[:, : txns.fields.shape[1]] = txns.fields
         history_rows = np.empty((len(states), len(schemas.HISTORY_FEATURES)), dtype=np.float64)
@@ -225,13 +266,17 @@ class FraudPredictor(kserve.Model):
         rows[:, txns.fields.shape[1] :] = history_rows
         return Scoring(txns.user_ids, rows[:, self._columns], txns.batch, v2_request, txns, history_rows)
 
-    def record(self, txns: Transactions) -> None:
+    async def record(self, txns: Transactions) -> None:
         """Record pushed transactions in their cards' histories (one atomic store update)."""
         assert self.history is not None and txns.amounts is not None
-        self.history.record([
+        recorded = [
             Recorded(user_id, amount, when)
             for user_id, amount, when in zip(txns.user_ids, txns.amounts.tolist(), txns.when_us.tolist())
-        ])
+        ]
+        if self.async_history is not None:
+            await self.async_history.record(recorded)
+        else:
+            self.history.record(recorded)  # SQLite: in-process, a fraction of a millisecond
 
     def get_input_types(self) -> list[dict]:
         """v2 metadata: every input the v2 route takes (see ``rest_predictor.transactions``)."""
@@ -258,6 +303,10 @@ class FraudPredictor(kserve.Model):
                 payload.transactions, payload.history_rows, scores, model.threshold, model.model_name, model.version
             )
         return v1_response(payload.user_ids, payload.batch, scores, model.threshold, model.model_name, model.version)
+
+
+def _v2(payload: Any) -> InferRequest | None:
+    return payload if isinstance(payload, InferRequest) else None
 
 
 def build_server(settings: Settings, predictor: FraudPredictor | None = None) -> kserve.ModelServer:
@@ -303,7 +352,7 @@ def add_push_route(app, predictor: FraudPredictor) -> None:  # noqa: ANN001 - Fa
         if not isinstance(body, dict):
             raise InvalidInput(f"push body must be a JSON object (a transaction or {{\"transactions\": [...]}}), got {type(body).__name__}")
         txns = parse_json_transactions(body, predictor.settings.max_batch_size, _checked_user_id, for_push=True)
-        predictor.record(txns)
+        await predictor.record(txns)
         return JSONResponse({"recorded": len(txns.user_ids)})
 
     app.add_api_route(PUSH_PATH, push, methods=["POST"], summary="Record transactions in the cards' histories")
