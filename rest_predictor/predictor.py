@@ -118,12 +118,12 @@ from rest_predictor.transactions import (
     v2_input_types,
     v2_output_types,
 )
+from rest_predictor.push import PUSH_PATH
 from rest_predictor.request_guard import GuardedDataPlane, StrictJsonMiddleware
 
 log = get_logger(__name__)
 
 SERVED_NAME = metrics.MODEL_NAME
-PUSH_PATH = "/v1/transactions"
 
 
 @dataclass

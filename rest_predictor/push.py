@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from fraud_common.settings import Settings
-from rest_predictor.transactions import AMOUNT, USER_ID, WHEN
 
-PUSH_PATH = "/v1/transactions"  # rest_predictor.predictor.PUSH_PATH (not imported: no kserve needed here)
+PUSH_PATH = "/v1/transactions"  # the predictor's push route (this module imports no kserve: a light CLI)
 
 
 class PushError(RuntimeError):
@@ -48,6 +47,8 @@ def post_batch(url: str, transactions: list[dict], timeout: float = 30.0) -> int
 
 def rows_of(path: Path) -> Iterator[dict]:
     """The transactions of a history-format CSV, as push objects."""
+    from rest_predictor.transactions import AMOUNT, USER_ID, WHEN
+
     with path.open(newline="") as handle:
         reader = csv.DictReader(handle)
         missing = {USER_ID, AMOUNT} - set(reader.fieldnames or ())
@@ -76,21 +77,26 @@ def push_all(url: str, items: Iterator[dict], batch_size: int) -> int:
     return recorded
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: ``push (--user-id U --amount A [--date T] | --file CSV) [--url URL] [--batch-size N]``."""
-    parser = argparse.ArgumentParser(prog="fraud-detection push", description="Record transactions in the cards' histories.")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The push command's flags (``fraud-detection push`` adds them to its subcommand)."""
     parser.add_argument("--user-id", help="the card's user id (one transaction)")
     parser.add_argument("--amount", type=float, help="the transaction's amount")
     parser.add_argument("--date", help="when it happened, ISO 8601 (default: now)")
     parser.add_argument("--file", type=Path, help="a CSV in the raw history's format: one transaction per row")
     parser.add_argument("--url", help="predictor base URL (default: http://FRAUD_SERVE_HOST:FRAUD_SERVE_PORT)")
     parser.add_argument("--batch-size", type=int, default=None, help="transactions per request (default: FRAUD_MAX_BATCH_SIZE)")
-    args = parser.parse_args(argv)
-    settings = Settings.from_env()
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    """Push what ``args`` names; prints one line; non-zero exit when a batch is refused."""
+    from rest_predictor.transactions import AMOUNT, USER_ID, WHEN
+
     if (args.file is None) == (args.user_id is None):
-        parser.error("give either --file, or --user-id with --amount")
+        print("error: give either --file, or --user-id with --amount", file=sys.stderr)
+        return 2
     if args.user_id is not None and args.amount is None:
-        parser.error("--user-id needs --amount")
+        print("error: --user-id needs --amount", file=sys.stderr)
+        return 2
     base = (args.url or f"http://{settings.serve_host}:{settings.serve_port}").rstrip("/")
     batch_size = args.batch_size or settings.max_batch_size
     started = time.perf_counter()
@@ -110,6 +116,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     print(f"recorded {recorded} transaction(s) at {base} in {time.perf_counter() - started:.2f}s")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: ``push (--user-id U --amount A [--date T] | --file CSV) [--url URL] [--batch-size N]``."""
+    parser = argparse.ArgumentParser(prog="fraud-detection push", description="Record transactions in the cards' histories.")
+    add_arguments(parser)
+    return run(parser.parse_args(argv), Settings.from_env())
 
 
 if __name__ == "__main__":
