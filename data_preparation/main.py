@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fraud_common import schemas, storage
+from fraud_common.history import spark_history_features, spark_state_aggregates
 from fraud_common.logs import get_logger, setup_logging
 from fraud_common.settings import Settings
 from fraud_common.spark_s3 import s3a_conf
@@ -55,13 +56,10 @@ LOCAL_SHUFFLE_PARTITIONS = "8"
 # monotonically_increasing_id() puts the partition index above bit 33 and the row's position
 # within its partition below it.
 ROW_BITS = 33
-MICROS_PER_DAY = 86_400_000_000.0
 _ROW = "_row"  # overall label row index (train, validate, test in file order)
 _LABEL_TIME = "_label_time"
 _TS = "_ts"
 _USER_INDEX = "_user_index"
-_LAST = "_last"
-_FIRST = "_first"
 # The id spellings come from schemas: user_id(i) == USER_PREFIX + str(i), likewise for txn.
 USER_PREFIX = schemas.user_id(0).removesuffix("0")
 TRANSACTION_PREFIX = schemas.transaction_id(0).removesuffix("0")
@@ -327,13 +325,9 @@ def history_aggregates(history: "DataFrame", labels: "DataFrame") -> "DataFrame"
     def known(column: str) -> "Column":
         return F.when(counted, F.col(column))
 
+    # The history aggregates themselves are defined once, in fraud_common.history.
     return joined.groupBy(_USER_INDEX).agg(
-        F.count(F.when(counted, F.lit(1))).alias("num_prev_transactions"),
-        F.avg(known(_AMOUNT)).alias("avg_prev_transaction_amount"),
-        F.max(known(_AMOUNT)).alias("max_prev_transaction_amount"),
-        F.stddev_samp(known(_AMOUNT)).alias("stdv_prev_transaction_amount"),
-        F.max(known(_TS)).alias(_LAST),
-        F.min(known(_TS)).alias(_FIRST),
+        *spark_state_aggregates(known(_AMOUNT), F.unix_micros(known(_TS))),
         F.count(F.when(label_time.isNull(), F.lit(1))).alias("_unknown"),
         F.count(F.when(happened & ~recorded, F.lit(1))).alias("_late"),
         F.count(F.when(~happened, F.lit(1))).alias("_after"),
@@ -370,21 +364,11 @@ def prepared_features(
     labels = label_rows(spark, raw, summaries, label_time)
     aggregates = history_aggregates(read_history(spark, raw, summaries["history"]), labels)
     joined = labels.join(aggregates, labels[_ROW] == aggregates[_USER_INDEX], "left")
-    created = F.unix_micros(F.col(schemas.EVENT_TIMESTAMP))
-    days = {
-        "days_since_last_transaction": (created - F.unix_micros(_LAST)) / MICROS_PER_DAY,
-        "days_since_first_transaction": (created - F.unix_micros(_FIRST)) / MICROS_PER_DAY,
-    }
     # No earlier history: explicit zeros (the row is kept, never dropped).
     filled = joined.select(
         F.col(_ROW),
         *[F.col(c) for c in schemas.PREPARED_COLUMNS if c not in schemas.HISTORY_FEATURES],
-        F.coalesce(F.col("num_prev_transactions"), F.lit(0).cast("long")).alias("num_prev_transactions"),
-        *[
-            F.coalesce(days.get(c, F.col(c)), F.lit(0.0)).alias(c)
-            for c in schemas.HISTORY_FEATURES
-            if c != "num_prev_transactions"
-        ],
+        *spark_history_features(F.unix_micros(F.col(schemas.EVENT_TIMESTAMP))),
     )
     return filled.orderBy(_ROW).select(*schemas.PREPARED_COLUMNS), aggregates
 

@@ -112,6 +112,11 @@ class Settings:
     image_tag: str = _setting("FRAUD_IMAGE_TAG", "0.1.0", LOCAL)
     spark_image: str = _setting("FRAUD_SPARK_IMAGE", "", LOCAL, parameter=True)
     predictor_image: str = _setting("FRAUD_PREDICTOR_IMAGE", "", LOCAL, parameter=True)
+    # Where each card's history state lives (the push path writes it, transaction scoring reads
+    # it): empty for a SQLite file in ``feast_dir`` (no server), or a Redis URL (redis://,
+    # rediss://, unix://) shared by every predictor replica. Not in the ConfigMap until the
+    # manifests deploy a Redis.
+    online_store_url: str = _setting("FRAUD_ONLINE_STORE_URL", "", LOCAL)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":

@@ -14,7 +14,9 @@ import orjson
 from kserve import InferOutput, InferRequest, InferResponse
 from kserve.errors import InvalidInput
 
+from fraud_common import schemas
 from rest_predictor.errors import BatchTooLarge, one_line
+from rest_predictor.transactions import Transactions, format_us
 
 USER_ID = "user_id"
 USER_IDS = "user_ids"
@@ -92,7 +94,11 @@ def parse_v2(request: InferRequest, max_batch_size: int) -> list[str]:
     if len(inputs) != 1 or inputs[0].name != V2_INPUT:
         found = [i.name for i in inputs]
         raise InvalidInput(f'v2 request must have exactly one input named "{V2_INPUT}", found {found}')
-    tensor = inputs[0]
+    return v2_user_ids(inputs[0], max_batch_size)
+
+
+def v2_user_ids(tensor, max_batch_size: int) -> list[str]:  # noqa: ANN001 - kserve InferInput
+    """The checked user ids of the v2 ``user_id`` input (BYTES)."""
     if tensor.datatype != "BYTES":
         raise InvalidInput(f'v2 input "{V2_INPUT}" must have datatype BYTES, got {tensor.datatype!r}')
     try:
@@ -114,6 +120,19 @@ def v1_response(
         head = {USER_ID: user_ids[0], "prediction": prediction, "fraud": fraud[0]}
     head["model_name"] = model_name
     head["model_version"] = version
+    return head
+
+
+def v1_transaction_response(
+    txns: Transactions, history_rows: np.ndarray, scores: np.ndarray, threshold: float, model_name: str, version: str
+) -> dict[str, Any]:
+    """The v1 answer for transactions: as ``v1_response``, plus the time each was scored as of
+    and (for one transaction) the history features it was scored with."""
+    head = v1_response(txns.user_ids, txns.batch, scores, threshold, model_name, version)
+    as_of = [format_us(int(t)) for t in txns.when_us]
+    head["as_of"] = as_of if txns.batch else as_of[0]
+    if not txns.batch:
+        head["history"] = dict(zip(schemas.HISTORY_FEATURES, history_rows[0].tolist()))
     return head
 
 

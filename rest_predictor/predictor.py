@@ -20,10 +20,24 @@ Wire formats
   ``FRAUD_MAX_BATCH_SIZE`` ids. ``prediction`` is always the model's ``[n, 1]`` output and
   ``fraud`` is ``prediction >= threshold`` (the threshold stored with the model).
 
-``POST /v2/models/onnx-model/infer`` (Open Inference Protocol): one input ``user_id``, datatype
-``BYTES``, shape ``[n]`` (or ``[n, 1]``); outputs ``prediction`` (FP32 ``[n, 1]``) and ``fraud``
-(BOOL ``[n]``), ``model_version`` set. kserve also serves ``/v2/health/ready``,
-``/v2/models/onnx-model`` (metadata), ``/v1/models/onnx-model`` and ``/metrics``.
+* a new transaction: ``{"user_id": "user_0", "distance_from_home": 12.3,
+  "distance_from_last_transaction": 0.4, "ratio_to_median_purchase_price": 1.9,
+  "repeat_retailer": 1, "used_chip": 0, "used_pin_number": 0, "online_order": 1}`` (optional
+  ``transaction_amount``, ``date_of_transaction``: ISO 8601, default now) → the same answer plus
+  ``as_of`` and ``history`` (the six history features, derived from the card's history state as of
+  that time, ``rest_predictor.history_store``); ``{"transactions": [...]}`` for a batch.
+
+``POST /v2/models/onnx-model/infer`` (Open Inference Protocol): input ``user_id`` (BYTES
+``[n]``) alone scores stored users; with the seven transaction fields as inputs of the same name
+(FP32 / BOOL ``[n]``, optional ``date_of_transaction`` BYTES) it scores new transactions. JSON and
+binary tensor bodies both work; a body without ``Inference-Header-Content-Length`` is JSON
+whatever its content type. Outputs ``prediction`` (FP32 ``[n, 1]``) and ``fraud`` (BOOL ``[n]``),
+``model_version`` set; ``GET /v2/models/onnx-model`` lists every input and output with datatype
+and shape. kserve also serves ``/v2/health/ready``, ``/v1/models/onnx-model`` and ``/metrics``.
+
+``POST /v1/transactions`` records ``{"user_id", "transaction_amount"[, "date_of_transaction"]}``
+(or ``{"transactions": [...]}``) in the cards' history states, atomically per batch, and answers
+``{"recorded": n}``; ``python -m rest_predictor.push`` is its CLI.
 
 Errors are HTTP errors with body ``{"error": "<what was wrong>"}``, raised as ``kserve.errors``
 types: 400 (``InvalidInput``) for a body that is not strict JSON (``NaN``, lone surrogates,
@@ -51,10 +65,14 @@ from typing import Any, Callable, Sequence
 
 import kserve
 import numpy as np
+from fastapi import Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from kserve import InferRequest
+from kserve.errors import InvalidInput
 from starlette.exceptions import HTTPException
 
+from fraud_common import history, schemas
 from fraud_common.logs import get_logger, setup_logging
 from fraud_common.registry import ModelRegistry, open_registry
 from fraud_common.settings import Settings
@@ -70,7 +88,37 @@ from rest_predictor.errors import (
 )
 from rest_predictor.model_artifact import LoadedModel, fetch_artifact, open_session, resolve_version
 from rest_predictor.online_features import FEATURE_READS, OnlineFeatureReader
-from rest_predictor.payloads import parse_v1, parse_v2, v1_response, v2_response
+from rest_predictor.history_store import (
+    AsyncRedisHistory,
+    HistoryStore,
+    HistoryStoreError,
+    Recorded,
+    RedisHistoryStore,
+    open_history_store,
+    seed_from_prepared,
+)
+from rest_predictor.payloads import (
+    USER_ID,
+    USER_IDS,
+    V2_INPUT,
+    _checked_user_id,
+    _decode_json,
+    parse_v1,
+    parse_v2,
+    v1_response,
+    v1_transaction_response,
+    v2_response,
+    v2_user_ids,
+)
+from rest_predictor.transactions import (
+    Transactions,
+    format_us,
+    parse_json_transactions,
+    parse_v2_transactions,
+    v2_input_types,
+    v2_output_types,
+)
+from rest_predictor.push import PUSH_PATH
 from rest_predictor.request_guard import GuardedDataPlane, StrictJsonMiddleware
 
 log = get_logger(__name__)
@@ -86,6 +134,8 @@ class Scoring:
     features: np.ndarray
     batch: bool
     v2_request: InferRequest | None = None
+    transactions: Transactions | None = None  # the transaction form: what was scored, as of when
+    history_rows: np.ndarray | None = None  # [n, 6] float64 history features of the transactions
 
 
 class FraudPredictor(kserve.Model):
@@ -106,6 +156,9 @@ class FraudPredictor(kserve.Model):
         self.feature_read = feature_read
         self.model: LoadedModel | None = None
         self.features: OnlineFeatureReader | None = None
+        self.history: HistoryStore | None = None
+        self.async_history: AsyncRedisHistory | None = None  # the event loop's client of a Redis store
+        self._columns: list[int] = []  # model input position -> position in schemas.MODEL_FEATURES
 
     def load(self) -> bool:
         """Resolve, fetch and open the model and the feature store; ready only if both work."""
@@ -117,7 +170,18 @@ class FraudPredictor(kserve.Model):
         features = OnlineFeatureReader.open(self.settings, model.feature_names, self.feature_read)
         features.probe()
         model.score(np.zeros((1, len(model.feature_names)), dtype=np.float32))  # the session answers
-        self.model, self.features = model, features
+        try:
+            history_store = open_history_store(self.settings)
+            seed_from_prepared(history_store, self.settings)
+            history_store.read(["__readiness_probe__"])
+        except (HistoryStoreError, OSError) as err:
+            raise PredictorLoadError(f"the card history store cannot be used: {err}") from err
+        if sorted(model.feature_names) != sorted(schemas.MODEL_FEATURES):
+            raise PredictorLoadError(f"model takes {model.feature_names}; transactions give {list(schemas.MODEL_FEATURES)}")
+        self._columns = [schemas.MODEL_FEATURES.index(name) for name in model.feature_names]
+        self.model, self.features, self.history = model, features, history_store
+        if isinstance(history_store, RedisHistoryStore):
+            self.async_history = AsyncRedisHistory(history_store.url)
         self.ready = True
         log.info(
             "serving model %s version %s (%s), threshold %.4f, features from %s (%s)",
@@ -135,6 +199,11 @@ class FraudPredictor(kserve.Model):
         features = self.features
         assert features is not None, "preprocess called before load"
         limit = self.settings.max_batch_size
+        if isinstance(payload, (bytes, str)):
+            payload = _decode_json(payload)
+        txns = self.parse_transactions(payload)
+        if txns is not None:
+            return self.score_transactions(txns, self.history.read(txns.user_ids), _v2(payload))
         if isinstance(payload, InferRequest):
             user_ids, batch, v2_request = parse_v2(payload, limit), True, payload
         else:
@@ -144,6 +213,78 @@ class FraudPredictor(kserve.Model):
             metrics.UNKNOWN_USERS.inc(len(missing))
             raise UnknownUser(missing)
         return Scoring(user_ids, rows, batch, v2_request)
+
+    def parse_transactions(self, payload: Any) -> Transactions | None:
+        """The transactions of a transaction-form request, or None for the stored-user form.
+
+        v1: an object with keys other than ``user_id``/``user_ids``; v2: ``user_id`` with more inputs.
+        """
+        limit = self.settings.max_batch_size
+        if isinstance(payload, InferRequest):
+            inputs = payload.inputs or []
+            if len(inputs) > 1 and any(i.name == V2_INPUT for i in inputs):
+                ids = v2_user_ids(next(i for i in inputs if i.name == V2_INPUT), limit)
+                return parse_v2_transactions(payload, ids)
+            return None
+        if isinstance(payload, dict) and set(payload) - {USER_ID, USER_IDS}:
+            return parse_json_transactions(payload, limit, _checked_user_id)
+        return None
+
+    async def __call__(self, body: Any, headers: dict[str, str] | None = None, verb: Any = None) -> Any:
+        """kserve's call, except that a transaction request over a Redis store awaits its history
+        read (``redis.asyncio``) instead of blocking the event loop during the round trip; the
+        rest of it (parse, features, ONNX, answer) is the same code as ``preprocess``/``predict``."""
+        from kserve.model import InferenceVerb
+
+        verb = InferenceVerb.PREDICT if verb is None else verb
+        if self.async_history is None or verb != InferenceVerb.PREDICT:
+            return await super().__call__(body, headers, verb)
+        payload = _decode_json(body) if isinstance(body, (bytes, str)) else body
+        txns = self.parse_transactions(payload)
+        if txns is None:
+            return await super().__call__(body, headers, verb)
+        states = await self.async_history.read(txns.user_ids)
+        return self.predict(self.score_transactions(txns, states, _v2(payload)), headers), {}
+
+    def score_transactions(
+        self, txns: Transactions, states: list[history.HistoryState], v2_request: InferRequest | None = None
+    ) -> Scoring:
+        """The model inputs of new transactions: their own fields and their cards' history states
+        (one store read) as of each transaction's time. ``InvalidInput`` for a time before the
+        card's latest recorded transaction (the store cannot tell what was known then)."""
+        assert txns.fields is not None
+        rows = np.empty((len(states), len(schemas.MODEL_FEATURES)), dtype=np.float32)
+        rows[:, : txns.fields.shape[1]] = txns.fields
+        history_rows = np.empty((len(states), len(schemas.HISTORY_FEATURES)), dtype=np.float64)
+        for i, (state, when) in enumerate(zip(states, txns.when_us.tolist())):
+            if state.count and when < state.last_us:
+                raise InvalidInput(
+                    f"date_of_transaction {format_us(when)} of {txns.user_ids[i]!r} is before the card's latest "
+                    f"recorded transaction ({format_us(state.last_us)}); history is known only as of a later time"
+                )
+            history_rows[i] = history.history_features(state, when)
+        rows[:, txns.fields.shape[1] :] = history_rows
+        return Scoring(txns.user_ids, rows[:, self._columns], txns.batch, v2_request, txns, history_rows)
+
+    async def record(self, txns: Transactions) -> None:
+        """Record pushed transactions in their cards' histories (one atomic store update)."""
+        assert self.history is not None and txns.amounts is not None
+        recorded = [
+            Recorded(user_id, amount, when)
+            for user_id, amount, when in zip(txns.user_ids, txns.amounts.tolist(), txns.when_us.tolist())
+        ]
+        if self.async_history is not None:
+            await self.async_history.record(recorded)
+        else:
+            self.history.record(recorded)  # SQLite: in-process, a fraction of a millisecond
+
+    def get_input_types(self) -> list[dict]:
+        """v2 metadata: every input the v2 route takes (see ``rest_predictor.transactions``)."""
+        return v2_input_types()
+
+    def get_output_types(self) -> list[dict]:
+        """v2 metadata: the outputs of every v2 answer."""
+        return v2_output_types()
 
     def validate(self, payload: Any) -> Any:
         """``preprocess`` has checked the request; kserve's generic payload checks do not apply."""
@@ -157,10 +298,18 @@ class FraudPredictor(kserve.Model):
         metrics.SCORED_USERS.inc(len(payload.user_ids))
         if payload.v2_request is not None:
             return v2_response(payload.v2_request, scores, model.threshold, self.name, model.version)
+        if payload.transactions is not None:
+            return v1_transaction_response(
+                payload.transactions, payload.history_rows, scores, model.threshold, model.model_name, model.version
+            )
         return v1_response(payload.user_ids, payload.batch, scores, model.threshold, model.model_name, model.version)
 
 
-def build_server(settings: Settings) -> kserve.ModelServer:
+def _v2(payload: Any) -> InferRequest | None:
+    return payload if isinstance(payload, InferRequest) else None
+
+
+def build_server(settings: Settings, predictor: FraudPredictor | None = None) -> kserve.ModelServer:
     """A one-process ModelServer on ``settings.serve_port`` with request guards, metrics and two handlers.
 
     kserve serves one global FastAPI app and maps its own error types there; we add only what it
@@ -185,8 +334,28 @@ def build_server(settings: Settings) -> kserve.ModelServer:
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(HTTPException, http_error_handler)
     app.add_middleware(StrictJsonMiddleware)
+    if predictor is not None:
+        add_push_route(app, predictor)
     app.add_middleware(metrics.RequestMetricsMiddleware)  # added last = outermost: counts the guard's 400s too
     return server
+
+
+def add_push_route(app, predictor: FraudPredictor) -> None:  # noqa: ANN001 - FastAPI
+    """``POST /v1/transactions``: record one transaction or ``{"transactions": [...]}`` in the cards' histories.
+
+    A transaction to record needs ``user_id`` and ``transaction_amount``; ``date_of_transaction``
+    defaults to now; the model's fields may come along (checked, not stored). Answers
+    ``{"recorded": n}``; bad bodies are 400s naming the field, too many transactions a 413.
+    """
+    async def push(request: Request) -> JSONResponse:
+        body = _decode_json(await request.body())
+        if not isinstance(body, dict):
+            raise InvalidInput(f"push body must be a JSON object (a transaction or {{\"transactions\": [...]}}), got {type(body).__name__}")
+        txns = parse_json_transactions(body, predictor.settings.max_batch_size, _checked_user_id, for_push=True)
+        await predictor.record(txns)
+        return JSONResponse({"recorded": len(txns.user_ids)})
+
+    app.add_api_route(PUSH_PATH, push, methods=["POST"], summary="Record transactions in the cards' histories")
 
 
 def serve(
@@ -201,7 +370,7 @@ def serve(
     """
     predictor = FraudPredictor(settings, registry, feature_read=feature_read)
     predictor.load()
-    server = build_server(settings)
+    server = build_server(settings, predictor)
     use_uvloop()
     if on_ready is not None:
         threading.Thread(target=_call_when_ready, args=(settings.serve_port, on_ready), daemon=True).start()

@@ -19,6 +19,8 @@ from typing import Any, Awaitable, Callable
 
 import orjson
 from kserve.errors import InvalidInput
+from kserve import InferRequest
+from kserve.constants.constants import INFERENCE_CONTENT_LENGTH_HEADER
 from kserve.protocol.dataplane import DataPlane
 
 from rest_predictor.errors import one_line
@@ -90,7 +92,16 @@ class StrictJsonMiddleware:
 
 
 class GuardedDataPlane(DataPlane):
-    """kserve's data plane; a request body it cannot decode is the client's 400, never a 500."""
+    """kserve's data plane; a request body it cannot decode is the client's 400, never a 500.
+
+    A v2 body without ``Inference-Header-Content-Length`` is all JSON, as the protocol says,
+    whatever its content type (``curl -d`` sends form encoding); kserve 0.21 refuses it.
+    """
+
+    def decode_inference_request(self, body, headers, model_name):  # noqa: ANN001, ANN201 - kserve's signature
+        if isinstance(body, bytes) and INFERENCE_CONTENT_LENGTH_HEADER not in (headers or {}):
+            return InferRequest.from_bytes(body, len(body), model_name)
+        return super().decode_inference_request(body, headers, model_name)
 
     def decode(self, body, headers, *args: Any, **kwargs: Any):  # noqa: ANN001, ANN201 - kserve's signature
         try:

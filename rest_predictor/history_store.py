@@ -1,0 +1,329 @@
+"""Each card's history state (``fraud_common.history``) in an online store: SQLite by default, Redis shared.
+
+Transaction scoring reads the states of the request's cards (one read); the push path records
+transactions, updating each card's state with ``history.add`` atomically, so concurrent pushes
+for the same card never lose an update:
+
+* ``SqliteHistoryStore`` (the embedded default, no server): one table beside Feast's online
+  store, WAL mode; a push batch runs in one ``BEGIN IMMEDIATE`` transaction (read, fold, write),
+  which holds SQLite's write lock from the read on, for threads and processes alike.
+* ``RedisHistoryStore`` (``FRAUD_ONLINE_STORE_URL=redis://...``, the cluster's shared store): one
+  string per card; a push batch WATCHes its cards, reads them with one MGET, folds them in
+  Python with the same ``history.add`` and writes them in one MULTI/EXEC, retried if another
+  writer touched any of them in between (optimistic locking: nothing is written from a stale
+  read). One Python definition of the update serves both stores; no Lua copy of it to keep equal.
+
+Both stores are seeded from the prepared features (``seed_from_prepared``): the state behind each
+user's prepared history features, so a store that has seen no push scores like the batch data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from fraud_common import history, schemas, storage
+from fraud_common.history import HistoryState
+from fraud_common.logs import get_logger
+from fraud_common.settings import Settings
+
+log = get_logger(__name__)
+
+SQLITE_FILE = "history.db"
+REDIS_PREFIX = "fraud:history:"
+REDIS_SEED_KEY = "fraud:history-seed"
+SEED_CHUNK = 10_000
+
+
+class HistoryStoreError(RuntimeError):
+    """The history store cannot be opened or used."""
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """One transaction to record: the card, its amount and when it happened (µs since the epoch)."""
+
+    user_id: str
+    amount: float
+    when_us: int
+
+
+def fold(states: dict[str, HistoryState], transactions: Sequence[Recorded]) -> dict[str, HistoryState]:
+    """The new state of every card in ``transactions``, from ``states`` (missing: no history)."""
+    updated: dict[str, HistoryState] = {}
+    for txn in transactions:
+        before = updated.get(txn.user_id) or states.get(txn.user_id) or history.EMPTY
+        updated[txn.user_id] = history.add(before, txn.amount, txn.when_us)
+    return updated
+
+
+class HistoryStore(Protocol):
+    """What transaction scoring and the push path need from a store."""
+
+    def read(self, user_ids: Sequence[str]) -> list[HistoryState]:
+        """The states of ``user_ids`` in order (``history.EMPTY`` for a card never seen)."""
+
+    def record(self, transactions: Sequence[Recorded]) -> None:
+        """Apply ``transactions`` to their cards' states, atomically for the whole batch."""
+
+    def seed(self, states: dict[str, HistoryState], marker: str) -> None:
+        """Replace every state with ``states`` and remember ``marker`` (what they came from)."""
+
+    def seed_marker(self) -> str | None:
+        """The marker of the last seed, or None."""
+
+    def close(self) -> None:
+        """Release connections."""
+
+
+class SqliteHistoryStore:
+    """States in one SQLite table; a connection per thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        with self._connection() as db:
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS user_history (user_id TEXT PRIMARY KEY, count INTEGER NOT NULL, "
+                "total REAL NOT NULL, mean REAL NOT NULL, m2 REAL NOT NULL, max REAL NOT NULL, "
+                "first_us INTEGER NOT NULL, last_us INTEGER NOT NULL) WITHOUT ROWID"
+            )
+            db.execute("CREATE TABLE IF NOT EXISTS history_seed (id INTEGER PRIMARY KEY CHECK (id = 1), marker TEXT NOT NULL)")
+
+    def _connection(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            self._local.db = db
+        return db
+
+    def _states(self, db: sqlite3.Connection, user_ids: Sequence[str]) -> dict[str, HistoryState]:
+        found: dict[str, HistoryState] = {}
+        unique = list(dict.fromkeys(user_ids))
+        for start in range(0, len(unique), 900):  # below SQLite's bound-parameter limit
+            chunk = unique[start : start + 900]
+            rows = db.execute(
+                f"SELECT user_id, {', '.join(history.STATE_FIELDS)} FROM user_history "
+                f"WHERE user_id IN ({', '.join('?' * len(chunk))})",
+                chunk,
+            )
+            for user_id, *values in rows:
+                found[user_id] = HistoryState(*values)
+        return found
+
+    def read(self, user_ids: Sequence[str]) -> list[HistoryState]:
+        found = self._states(self._connection(), user_ids)
+        return [found.get(u, history.EMPTY) for u in user_ids]
+
+    def record(self, transactions: Sequence[Recorded]) -> None:
+        db = self._connection()
+        db.execute("BEGIN IMMEDIATE")  # the write lock before the read: no other writer in between
+        try:
+            updated = fold(self._states(db, [t.user_id for t in transactions]), transactions)
+            db.executemany(
+                f"INSERT OR REPLACE INTO user_history VALUES (?, {', '.join('?' * len(history.STATE_FIELDS))})",
+                [(user_id, *_values(state)) for user_id, state in updated.items()],
+            )
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def seed(self, states: dict[str, HistoryState], marker: str) -> None:
+        db = self._connection()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("DELETE FROM user_history")
+            db.executemany(
+                f"INSERT INTO user_history VALUES (?, {', '.join('?' * len(history.STATE_FIELDS))})",
+                ((user_id, *_values(state)) for user_id, state in states.items()),
+            )
+            db.execute("INSERT OR REPLACE INTO history_seed VALUES (1, ?)", (marker,))
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def seed_marker(self) -> str | None:
+        row = self._connection().execute("SELECT marker FROM history_seed WHERE id = 1").fetchone()
+        return row[0] if row else None
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+
+class RedisHistoryStore:
+    """States as ``fraud:history:<user_id>`` strings (``history.encode``) in one Redis database."""
+
+    def __init__(self, url: str, max_retries: int = 1000) -> None:
+        import redis
+
+        self.url = url
+        self.max_retries = max_retries
+        self.client = redis.Redis.from_url(url)
+        self._watch_error = redis.WatchError
+
+    @staticmethod
+    def key(user_id: str) -> bytes:
+        return (REDIS_PREFIX + user_id).encode()
+
+    def read(self, user_ids: Sequence[str]) -> list[HistoryState]:
+        raw = self.client.mget([self.key(u) for u in user_ids])
+        return [history.decode(value) if value is not None else history.EMPTY for value in raw]
+
+    def record(self, transactions: Sequence[Recorded]) -> None:
+        users = list(dict.fromkeys(t.user_id for t in transactions))
+        keys = [self.key(u) for u in users]
+        with self.client.pipeline(transaction=True) as pipe:
+            for _ in range(self.max_retries):
+                try:
+                    pipe.watch(*keys)
+                    raw = pipe.mget(keys)
+                    states = {u: history.decode(v) for u, v in zip(users, raw) if v is not None}
+                    updated = fold(states, transactions)
+                    pipe.multi()
+                    pipe.mset({self.key(u): history.encode(s) for u, s in updated.items()})
+                    pipe.execute()
+                    return
+                except self._watch_error:
+                    continue  # another writer changed one of these cards: read again
+        raise HistoryStoreError(f"gave up recording {len(transactions)} transactions after {self.max_retries} conflicts")
+
+    def seed(self, states: dict[str, HistoryState], marker: str) -> None:
+        stale = list(self.client.scan_iter(match=REDIS_PREFIX + "*", count=10_000))
+        for start in range(0, len(stale), SEED_CHUNK):
+            self.client.unlink(*stale[start : start + SEED_CHUNK])
+        items = list(states.items())
+        for start in range(0, len(items), SEED_CHUNK):
+            self.client.mset({self.key(u): history.encode(s) for u, s in items[start : start + SEED_CHUNK]})
+        self.client.set(REDIS_SEED_KEY, marker)
+
+    def seed_marker(self) -> str | None:
+        value = self.client.get(REDIS_SEED_KEY)
+        return value.decode() if value is not None else None
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class AsyncRedisHistory:
+    """The Redis store's read and record for the server's event loop (``redis.asyncio``): a
+    request waiting on Redis does not hold up the others. Same keys, same WATCH/MULTI fold."""
+
+    def __init__(self, url: str, max_retries: int = 1000) -> None:
+        import redis
+        import redis.asyncio
+
+        self.client = redis.asyncio.Redis.from_url(url)
+        self.max_retries = max_retries
+        self._watch_error = redis.WatchError
+
+    async def read(self, user_ids: Sequence[str]) -> list[HistoryState]:
+        raw = await self.client.mget([RedisHistoryStore.key(u) for u in user_ids])
+        return [history.decode(value) if value is not None else history.EMPTY for value in raw]
+
+    async def record(self, transactions: Sequence[Recorded]) -> None:
+        users = list(dict.fromkeys(t.user_id for t in transactions))
+        keys = [RedisHistoryStore.key(u) for u in users]
+        async with self.client.pipeline(transaction=True) as pipe:
+            for _ in range(self.max_retries):
+                try:
+                    await pipe.watch(*keys)
+                    raw = await pipe.mget(keys)
+                    states = {u: history.decode(v) for u, v in zip(users, raw) if v is not None}
+                    updated = fold(states, transactions)
+                    pipe.multi()
+                    pipe.mset({RedisHistoryStore.key(u): history.encode(s) for u, s in updated.items()})
+                    await pipe.execute()
+                    return
+                except self._watch_error:
+                    continue
+        raise HistoryStoreError(f"gave up recording {len(transactions)} transactions after {self.max_retries} conflicts")
+
+
+def _values(state: HistoryState) -> tuple:
+    return tuple(getattr(state, name) for name in history.STATE_FIELDS)
+
+
+def open_history_store(settings: Settings) -> HistoryStore:
+    """The store named by ``settings.online_store_url`` (empty: SQLite in ``feast_dir``)."""
+    url = settings.online_store_url
+    try:
+        if not url:
+            return SqliteHistoryStore(Path(settings.feast_dir) / SQLITE_FILE)
+        if url.split("://", 1)[0] in ("redis", "rediss", "unix"):
+            store = RedisHistoryStore(url)
+            store.client.ping()
+            return store
+    except Exception as err:  # sqlite3 and redis raise their own types for an unusable store
+        raise HistoryStoreError(f"cannot open the history store {url or 'sqlite'}: {err}") from err
+    raise HistoryStoreError(f"FRAUD_ONLINE_STORE_URL={url!r}: use redis://, rediss://, unix:// or leave it empty")
+
+
+# --- Seeding from the prepared features ------------------------------------------------------
+
+
+def prepared_states(settings: Settings) -> tuple[dict[str, HistoryState], str] | None:
+    """Every user's state behind its prepared history features, and a marker of that data set.
+
+    None when there are no prepared features. The marker hashes users, times and features, so a
+    store is re-seeded only when the pipeline prepared different data.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    uri = storage.join(settings.prepared_uri, schemas.FEATURES_DIR)
+    if not storage.exists(uri, settings):
+        return None
+    columns = [schemas.ENTITY_KEY, schemas.EVENT_TIMESTAMP, *schemas.HISTORY_FEATURES]
+    if storage.is_s3(uri):
+        import io
+
+        parts = [f for f in storage.list_files(uri, settings) if f.endswith(".parquet")]
+        table = pa.concat_tables([pq.read_table(io.BytesIO(storage.read_bytes(p, settings)), columns=columns) for p in parts])
+    else:
+        table = pq.read_table(uri, columns=columns)
+    users = table.column(schemas.ENTITY_KEY).to_pylist()
+    times = table.column(schemas.EVENT_TIMESTAMP).cast(pa.timestamp("us", "UTC")).cast(pa.int64()).to_numpy()
+    features = {name: table.column(name).to_numpy().astype(np.float64) for name in schemas.HISTORY_FEATURES}
+    digest = hashlib.sha256("\0".join(users).encode())
+    digest.update(times.tobytes())
+    for name in schemas.HISTORY_FEATURES:
+        digest.update(features[name].tobytes())
+    states = {
+        user: history.state_from_features({name: features[name][i] for name in schemas.HISTORY_FEATURES}, int(times[i]))
+        for i, user in enumerate(users)
+    }
+    return states, f"prepared:{len(users)}:{digest.hexdigest()[:24]}"
+
+
+def seed_from_prepared(store: HistoryStore, settings: Settings, force: bool = False) -> bool:
+    """Seed ``store`` from the prepared features unless it already holds exactly that data set.
+
+    Returns whether it seeded. Pushed transactions survive as long as the prepared data does not
+    change; a new pipeline run's data replaces them (it was computed from the newer history).
+    """
+    started = time.perf_counter()
+    found = prepared_states(settings)
+    if found is None:
+        log.warning("no prepared features under %s: card histories start empty", settings.prepared_uri)
+        return False
+    states, marker = found
+    if not force and store.seed_marker() == marker:
+        return False
+    store.seed(states, marker)
+    log.info("seeded %d card histories from %s in %.1fs", len(states), settings.prepared_uri, time.perf_counter() - started)
+    return True
