@@ -14,6 +14,10 @@ class ModelNotFound(RegistryError):
     """No registered model or version matches the request."""
 
 
+class RegistryUnavailable(RegistryError):
+    """The registry server cannot be reached or refused the connection."""
+
+
 @dataclass(frozen=True)
 class ModelVersion:
     """One registered version of a model and its artifact.
