@@ -20,6 +20,7 @@ import errno
 import importlib.util
 import json
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -147,6 +148,7 @@ def generate_data(out: str, users: int, seed: int, settings: Settings, progress:
     from synthetic_data_generation.generate import generate
 
     marker = json.dumps({"users": users, "seed": seed}).encode()
+    storage.exists(out, settings)  # an unreachable S3 endpoint fails now, not after generating
     if not storage.is_s3(out):
         report = generate(Path(out), users=users, seed=seed, progress=progress)
         storage.write_bytes(storage.join(out, GENERATED_MARKER), marker, settings)
@@ -556,7 +558,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         console.close()
+        if log_dir is not None and not any(p.stat().st_size for p in log_dir.iterdir()):
+            shutil.rmtree(log_dir, ignore_errors=True)  # nothing was logged: no empty run folder
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # ``python -m pipeline.cli``: run the imported module, so error classes are pipeline.cli's.
+    from pipeline.cli import main as _main
+
+    sys.exit(_main())

@@ -122,13 +122,19 @@ class Console:
         sys.stdout.flush()
         sys.stderr.flush()
         saved = (os.dup(1), os.dup(2))
+        saved_streams = (sys.stdout, sys.stderr)
         log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        # Python-level writers too, in case sys.stdout/stderr were replaced (notebooks, pytest).
+        log_stream = open(os.dup(log_fd), "w", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115
         try:
             os.dup2(log_fd, 1)
             os.dup2(log_fd, 2)
+            sys.stdout = sys.stderr = log_stream
             yield path
         finally:
+            sys.stdout, sys.stderr = saved_streams
             with contextlib.suppress(ValueError, OSError):
+                log_stream.close()
                 sys.stdout.flush()
                 sys.stderr.flush()
             os.dup2(saved[0], 1)
