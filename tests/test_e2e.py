@@ -95,6 +95,21 @@ def test_rerun_registers_a_new_version_and_serves_it(server: dict, env: dict[str
     assert answer["model_version"] == versions[-1].version
 
 
+def test_run_prints_one_line_per_step_and_keeps_each_steps_log(server: dict, env: dict[str, str]) -> None:
+    before_curl = []
+    for line in server["lines"]:
+        if "curl -X POST" in line:
+            break
+        before_curl.append(line)
+    assert 7 <= len(before_curl) <= 15, "".join(before_curl)
+    assert "executor_input" not in "".join(server["lines"])
+    (run_dir, *_) = sorted((Path(env["FRAUD_HOME"]) / "logs").glob("*-run"), reverse=True)
+    logs = {path.stem: path.stat().st_size for path in run_dir.iterdir()}
+    steps = ("prepare-data", "feature-engineering", "retrieve-features", "train-model", "register-model", "serve")
+    assert all(logs.get(step, 0) > 0 for step in steps), logs
+    assert all(any(line.lstrip().startswith(f"✓ {step} ") for line in before_curl) for step in steps)
+
+
 def test_printed_curl_line_names_a_real_user(server: dict) -> None:
     line = next(line for line in server["lines"] if "curl -X POST" in line)
     user = line.split('"user_id": "')[1].split('"')[0]
