@@ -41,8 +41,9 @@ PROG = "fraud-detection"
 PIPELINE_FILE = Path(__file__).with_name("fraud-detection-e2e.py")
 COMPILED_PIPELINE = PIPELINE_FILE.with_suffix(".yaml")
 MIN_USERS = 10  # one label row per split file at 80/10/10 (the generator's own minimum)
-# Written beside the CSVs that this tool generated: how many users, which seed.
-GENERATED_MARKER = "_generated.json"
+# Beside the CSVs this tool generated: how many users, which seed. The same file as the
+# generator's own manifest (``schemas.RAW_MANIFEST_FILE`` once the generator writes one).
+GENERATED_MARKER = "generation.json"
 
 
 class UserError(Exception):
@@ -147,16 +148,17 @@ def generate_data(out: str, users: int, seed: int, settings: Settings, progress:
     """Write synthetic raw CSVs (and the marker naming their size) to a folder or an s3:// prefix."""
     from synthetic_data_generation.generate import generate
 
-    marker = json.dumps({"users": users, "seed": seed}).encode()
     storage.exists(out, settings)  # an unreachable S3 endpoint fails now, not after generating
     if not storage.is_s3(out):
         report = generate(Path(out), users=users, seed=seed, progress=progress)
-        storage.write_bytes(storage.join(out, GENERATED_MARKER), marker, settings)
-        return report
-    with tempfile.TemporaryDirectory(prefix="fraud-generate-") as tmp:
-        report = generate(Path(tmp) / "raw", users=users, seed=seed, progress=progress)
-        storage.upload(Path(tmp) / "raw", out, settings)
-    storage.write_bytes(storage.join(out, GENERATED_MARKER), marker, settings)
+    else:
+        with tempfile.TemporaryDirectory(prefix="fraud-generate-") as tmp:
+            report = generate(Path(tmp) / "raw", users=users, seed=seed, progress=progress)
+            storage.upload(Path(tmp) / "raw", out, settings)
+    marker = storage.join(out, GENERATED_MARKER)
+    manifest = json.loads(storage.read_bytes(marker, settings)) if storage.exists(marker, settings) else {}
+    if (manifest.get("users"), manifest.get("seed")) != (users, seed):  # the generator wrote none (or an old one)
+        storage.write_bytes(marker, json.dumps({**manifest, "users": users, "seed": seed}).encode(), settings)
     return report
 
 

@@ -178,7 +178,7 @@ def test_run_with_another_size_regenerates_the_data_it_made(home: Path) -> None:
     result = _interrupt_once_running(_start(env, "run", "--users", "200", "--no-serve"), home)
     assert "replaced 100" in result.stdout, result.stdout
     assert _label_rows(raw) == 200
-    assert json.loads((raw / "_generated.json").read_text())["users"] == 200
+    assert json.loads((raw / "generation.json").read_text())["users"] == 200
 
 
 def test_run_with_reuse_data_keeps_the_size(home: Path) -> None:
@@ -193,7 +193,7 @@ def test_run_never_replaces_data_it_did_not_generate(home: Path) -> None:
     env = _env(home)
     assert _cli(env, "generate", "--users", "100").returncode == 0
     raw = home / "data" / "raw"
-    (raw / "_generated.json").unlink()  # now it is the user's own data
+    (raw / "generation.json").unlink()  # now it is the user's own data
     before = (raw / "train.csv").read_bytes()
     result = _cli(env, "run", "--users", "200", "--no-serve")
     assert_one_line_error(result, 2, "did not generate", "--reuse-data")
