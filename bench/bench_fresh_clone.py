@@ -225,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                 "summary": summary,
                 "failed": re.findall(r"^FAILED (\S+)", proc.stdout, flags=re.M),
                 "errors": re.findall(r"^ERROR (\S+)", proc.stdout, flags=re.M),
+                "output_tail": proc.stdout[-6000:] if proc.returncode else "",
             }
             print(f"[fresh-clone] uv run pytest: exit {proc.returncode} in {seconds}s: {summary}", flush=True)
             ok = ok and proc.returncode == 0

@@ -136,14 +136,18 @@ def test_port_in_use_is_named_before_any_work(home: Path, listening_port: int, c
 # --- run and existing data ------------------------------------------------------------------------
 
 
-def _interrupt_once_running(proc: subprocess.Popen, home: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    """SIGINT to the CLI once the pipeline's first step has started; its output and exit code."""
+def _interrupt_once_running(proc: subprocess.Popen, timeout: float = 120) -> subprocess.CompletedProcess:
+    """SIGINT to the CLI once the pipeline's first step runs in its subprocess; output and exit code."""
     deadline = time.monotonic() + timeout
+    cli = psutil.Process(proc.pid)
     while time.monotonic() < deadline and proc.poll() is None:
-        if any((home / "runs").glob("fraud-detection-e2e-*/prepare-data")):
-            break
-        time.sleep(0.2)
-    time.sleep(2)  # inside the step's subprocess
+        try:
+            if any("executor_main" in " ".join(c.cmdline()) for c in cli.children(recursive=True)):
+                break
+        except psutil.Error:
+            pass
+        time.sleep(0.1)
+    time.sleep(1)  # the step's subprocess is starting Spark
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
@@ -162,7 +166,7 @@ def _processes_using(home: Path) -> list[psutil.Process]:
 
 def test_ctrl_c_during_a_run_is_one_line_and_leaves_no_process(home: Path) -> None:
     proc = _start(_env(home), "run", "--users", "2000", "--no-serve")
-    result = _interrupt_once_running(proc, home)
+    result = _interrupt_once_running(proc)
     assert_one_line_error(result, 130, "interrupted", "prepare-data", "rerun")
     deadline = time.monotonic() + 15
     while _processes_using(home) and time.monotonic() < deadline:
@@ -175,7 +179,7 @@ def test_run_with_another_size_regenerates_the_data_it_made(home: Path) -> None:
     assert _cli(env, "generate", "--users", "100").returncode == 0
     raw = home / "data" / "raw"
     assert _label_rows(raw) == 100
-    result = _interrupt_once_running(_start(env, "run", "--users", "200", "--no-serve"), home)
+    result = _interrupt_once_running(_start(env, "run", "--users", "200", "--no-serve"))
     assert "replaced 100" in result.stdout, result.stdout
     assert _label_rows(raw) == 200
     assert json.loads((raw / "generation.json").read_text())["users"] == 200
@@ -184,7 +188,7 @@ def test_run_with_another_size_regenerates_the_data_it_made(home: Path) -> None:
 def test_run_with_reuse_data_keeps_the_size(home: Path) -> None:
     env = _env(home)
     assert _cli(env, "generate", "--users", "100").returncode == 0
-    result = _interrupt_once_running(_start(env, "run", "--users", "200", "--reuse-data", "--no-serve"), home)
+    result = _interrupt_once_running(_start(env, "run", "--users", "200", "--reuse-data", "--no-serve"))
     assert "reusing 100 users" in result.stdout, result.stdout
     assert _label_rows(home / "data" / "raw") == 100
 
