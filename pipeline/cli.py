@@ -252,7 +252,7 @@ def step_figure(step: str, outputs: dict[str, Any]) -> str:
     meta = {name: dict(getattr(artifact, "metadata", {}) or {}) for name, artifact in outputs.items()}
     if step == "prepare-data":
         prepared = meta["prepared"]
-        text = _rows_figure(prepared.get("rows_per_split", {}))
+        text = _rows_figure(prepared.get("rows_by_set") or prepared.get("rows_per_split", {}))
         without = prepared.get("users_without_history")
         return f"{text}, {int(without):,} without history" if without is not None else text
     if step == "feature-engineering":
