@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-timeout", type=float, default=3600)
     parser.add_argument("--tests-timeout", type=float, default=5400)
     parser.add_argument("--keep", action="store_true", help="leave the container for inspection")
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"result file (default {RESULTS.relative_to(REPO_ROOT)})")
     args = parser.parse_args(argv)
 
     git_dir = Path(subprocess.run(
@@ -239,8 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep:
             podman("rm", "-f", "-t", "0", name, check=False)
     result["passed"] = ok
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "run"}, indent=2))
     return 0 if ok else 1
 
