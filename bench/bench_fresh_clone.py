@@ -136,7 +136,7 @@ def first_prediction(name: str, users: int | None, timeout: float) -> dict:
     timer.cancel()
     status, _, body = answer.stdout.strip().partition(" ")
     out.update(
-        lines_before_curl=len(lines),
+        lines_before_curl=len(lines) - 1,  # the curl line is the last one read
         run_to_ready_seconds=round(ready - started, 1),
         run_to_first_prediction_seconds=round(answered - started, 1),
         prediction_status=int(status) if status.isdigit() else None,
