@@ -28,7 +28,7 @@ import requests
 
 RESULTS = Path(__file__).resolve().parent / "results" / "quickstart.json"
 TARGET_SECONDS = 300.0
-STEP_LINE = re.compile(r"Task .*?'([a-z-]+)'.*?finished with status")
+STEP_LINE = re.compile(r"^\s+✓ ([a-z-]+)\s+[\d.]+s")  # the CLI's line for a finished step
 
 
 def free_port() -> int:

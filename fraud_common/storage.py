@@ -8,6 +8,7 @@ place, so a failed write never leaves a half-written file behind.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import tempfile
@@ -23,6 +24,43 @@ S3_SCHEMES = ("s3", "s3a")
 
 class StorageError(RuntimeError):
     """A URI cannot be read or written."""
+
+
+def _s3_failure(err: BaseException, uri: str, settings: Settings) -> StorageError | None:
+    """A one-line ``StorageError`` for what the S3 client raised, or None if it is not an S3 failure."""
+    from minio.error import MinioException, S3Error
+    from urllib3.exceptions import HTTPError
+
+    endpoint = settings.s3_endpoint or "AWS S3"
+    if isinstance(err, S3Error):
+        return StorageError(f"S3 at {endpoint} refused {uri}: {err.code} ({err.message}); check the bucket and the credentials")
+    if isinstance(err, (HTTPError, MinioException, ConnectionError)):
+        return StorageError(f"S3 endpoint {endpoint} is unreachable for {uri} ({type(err).__name__}); check S3_ENDPOINT_URL and that the server runs")
+    return None
+
+
+def _s3_errors(fn):  # noqa: ANN001, ANN202 - keeps the wrapped signature
+    """Turn the S3 client's exceptions (refusals, unreachable endpoint) into ``StorageError``.
+
+    The URI named in the message is the call's first ``s3://`` argument.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        try:
+            return fn(*args, **kwargs)
+        except StorageError:
+            raise
+        except Exception as err:
+            values = [*args, *kwargs.values()]
+            settings = next((v for v in values if isinstance(v, Settings)), None)
+            uri = next((v for v in values if isinstance(v, str) and is_s3(v)), None)
+            failure = _s3_failure(err, uri, settings) if settings is not None and uri else None
+            if failure is None:
+                raise
+            raise failure from err
+
+    return wrapper
 
 
 def is_s3(uri: str) -> bool:
@@ -72,6 +110,7 @@ def s3_client(settings: Settings):  # noqa: ANN201 - minio.Minio, imported lazil
     return _client(settings.s3_endpoint, settings.s3_access_key, settings.s3_secret_key, settings.s3_region)
 
 
+@_s3_errors
 def exists(uri: str, settings: Settings) -> bool:
     """Whether a file, a folder or any object under the prefix exists."""
     if not is_s3(uri):
@@ -83,6 +122,7 @@ def exists(uri: str, settings: Settings) -> bool:
     return any(True for _ in client.list_objects(bucket, prefix=key, recursive=True))
 
 
+@_s3_errors
 def list_files(uri: str, settings: Settings) -> list[str]:
     """Every file under a folder or prefix, as URIs of the same kind, sorted."""
     if not is_s3(uri):
@@ -96,6 +136,7 @@ def list_files(uri: str, settings: Settings) -> list[str]:
     return sorted(f"s3://{bucket}/{o.object_name}" for o in objects)
 
 
+@_s3_errors
 def read_bytes(uri: str, settings: Settings) -> bytes:
     """The whole content of a file or object."""
     if not is_s3(uri):
@@ -117,6 +158,7 @@ def read_bytes(uri: str, settings: Settings) -> bytes:
         response.release_conn()
 
 
+@_s3_errors
 def write_bytes(uri: str, data: bytes, settings: Settings) -> None:
     """Write a file atomically (temporary file, then rename) or put one object."""
     if not is_s3(uri):
@@ -145,6 +187,7 @@ def ensure_bucket(bucket: str, settings: Settings) -> None:
         client.make_bucket(bucket)
 
 
+@_s3_errors
 def upload(local: str | Path, uri: str, settings: Settings) -> list[str]:
     """Copy a local file or folder to ``uri`` (local or S3); returns the URIs written."""
     local = Path(local)
@@ -170,6 +213,7 @@ def upload(local: str | Path, uri: str, settings: Settings) -> list[str]:
     return written
 
 
+@_s3_errors
 def download(uri: str, local: str | Path, settings: Settings) -> Path:
     """Copy a file or a folder/prefix from ``uri`` to the local path ``local``."""
     local = Path(local)
@@ -209,6 +253,7 @@ def local_copy(uri: str, settings: Settings) -> Iterator[Path]:
         yield download(uri, Path(tmp) / Path(split_s3(uri)[1]).name, settings)
 
 
+@_s3_errors
 def delete(uri: str, settings: Settings) -> None:
     """Remove a file, folder or every object under a prefix; missing is fine."""
     if not is_s3(uri):

@@ -223,6 +223,61 @@ def register_model(
         registered_model.metadata.update(record)
 
 
+@dsl.component(base_image=image("train"), **_COMMON)
+def evaluate_against_champion(
+    model_name: str,
+    min_roc_auc: float,
+    require_approval: bool,
+    approval_timeout_seconds: int,
+    training_set: Input[Dataset],
+    registered_model: Input[Artifact],
+    decision: Output[Artifact],
+    gates: Output[Metrics],
+):
+    """Gate the registered version against the champion on the run's test split; promote or refuse.
+
+    ``decision`` names the champion after the decision (what ``serve`` deploys); a refusal fails
+    the step after recording the gates on the version, so nothing downstream changes.
+    """
+    import json
+    from pathlib import Path
+
+    from fraud_common import storage
+    from fraud_common.artifacts import pipeline_step
+    from fraud_common.registry import CHAMPION, open_registry
+    from train.data import load_dataset, split_arrays
+    from train.governance import GatePolicy, decide, evaluate_against_champion, raise_if_refused
+
+    with pipeline_step(decision, model_name=model_name, min_roc_auc=min_roc_auc) as settings:
+        test = split_arrays(load_dataset(Path(training_set.path)))["test"]
+        registry = open_registry(settings)
+        report = evaluate_against_champion(
+            registry, model_name, registered_model.metadata["model_version"], test.features, test.labels,
+            lambda uri: storage.read_bytes(uri, settings), GatePolicy.from_settings(settings),
+        )
+        outcome = decide(
+            registry, model_name, report,
+            require_approval=require_approval, approval_timeout_seconds=approval_timeout_seconds,
+        )
+        for name, value in report.kfp_metrics().items():
+            gates.log_metric(name, value)
+        champion = registry.get_version(model_name, alias=CHAMPION)
+        record = {
+            "outcome": outcome.outcome,
+            "reason": outcome.reason,
+            "challenger": report.challenger,
+            "model_name": champion.model_name,
+            "model_version": champion.version,
+            "artifact_uri": champion.artifact_uri,
+            "registered_model_id": champion.registered_model_id,
+            "model_version_id": champion.version_id,
+        }
+        with open(decision.path, "w") as handle:
+            json.dump(record, handle, indent=2)
+        decision.metadata.update(record)
+    raise_if_refused(outcome)
+
+
 @dsl.component(base_image=image("pipeline"), **_COMMON)
 def serve(
     platform: str,

@@ -17,6 +17,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 from pipeline.components import (  # noqa: E402
     feature_engineering,
     prepare_data,
+    evaluate_against_champion,
     register_model,
     retrieve_features,
     serve,
@@ -110,6 +111,17 @@ def fraud_detection_pipeline(
         ).set_display_name("gate and register"),
         needs_registry=True,
     )
+    decided = _wire_settings(
+        evaluate_against_champion(
+            model_name=model_name,
+            min_roc_auc=min_roc_auc,
+            require_approval=False,
+            approval_timeout_seconds=3600,
+            training_set=training_set.outputs["training_set"],
+            registered_model=registered.outputs["registered_model"],
+        ).set_display_name("evaluate against champion"),
+        needs_registry=True,
+    )
     _wire_settings(
         serve(
             platform=platform,
@@ -117,7 +129,7 @@ def fraud_detection_pipeline(
             service_name=service_name,
             predictor_image=predictor_image,
             serve_timeout_seconds=serve_timeout_seconds,
-            registered_model=registered.outputs["registered_model"],
+            registered_model=decided.outputs["decision"],
             feature_store=features.outputs["feature_store"],
         ).set_display_name("serve (KServe)"),
         needs_registry=True,

@@ -37,10 +37,11 @@ class LoadedModel:
 
 
 def resolve_version(registry: ModelRegistry, settings: Settings) -> ModelVersion:
-    """The version named by ``settings.serve_model_version``, else the newest that passed the gate."""
+    """The version named by ``settings.serve_model_version``, else the champion (before any
+    promotion: the newest version that passed the gate)."""
     wanted = settings.serve_model_version or None
     try:
-        version = registry.get_version(settings.model_name, wanted)
+        version = registry.get_version(settings.model_name, wanted, alias=None if wanted else "champion")
     except ModelNotFound as err:
         which = f"version {wanted!r}" if wanted else "version that passed the quality gate"
         raise PredictorLoadError(

@@ -102,7 +102,7 @@ def test_every_artifact_of_the_run_holds_its_data(first_run: subprocess.Complete
             uri = Path(entry["artifacts"][0]["uri"])
             assert uri.is_relative_to(run / step), (name, uri)
             assert entry["artifacts"][0]["metadata"], f"{step}.{name} has no metadata"
-            if name not in ("metrics", "classification_metrics"):  # KFP keeps those in metadata only
+            if name not in ("metrics", "classification_metrics", "gates"):  # KFP keeps those in metadata only
                 assert uri.is_file() or any(uri.iterdir()), f"{step}.{name}: nothing at {uri}"
 
     prepared, meta = Path(outputs["prepared"]["uri"]), outputs["prepared"]["metadata"]
@@ -134,6 +134,21 @@ def test_rerun_registers_a_new_version_and_serves_it(server: dict, env: dict[str
     assert len(versions) == 2 and len({v.version for v in versions}) == 2
     answer = _predict(server["url"], {"user_id": "user_0"}).json()
     assert answer["model_version"] == versions[-1].version
+
+
+def test_run_prints_one_line_per_step_and_keeps_each_steps_log(server: dict, env: dict[str, str]) -> None:
+    before_curl = []
+    for line in server["lines"]:
+        if "curl -X POST" in line:
+            break
+        before_curl.append(line)
+    assert 7 <= len(before_curl) <= 15, "".join(before_curl)
+    assert "executor_input" not in "".join(server["lines"])
+    (run_dir, *_) = sorted((Path(env["FRAUD_HOME"]) / "logs").glob("*-run"), reverse=True)
+    logs = {path.stem: path.stat().st_size for path in run_dir.iterdir()}
+    steps = cli.STEP_ORDER
+    assert all(logs.get(step, 0) > 0 for step in steps), logs
+    assert all(any(line.lstrip().startswith(f"✓ {step} ") for line in before_curl) for step in steps)
 
 
 def test_printed_curl_line_names_a_real_user(server: dict) -> None:

@@ -13,7 +13,7 @@ from fraud_common.settings import CONFIG, CONFIG_MAP, env_names
 from pipeline import cli
 from pipeline.images import image
 
-STEPS = ("prepare-data", "feature-engineering", "retrieve-features", "train-model", "register-model", "serve")
+STEPS = cli.STEP_ORDER
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_every_step_runs_in_its_own_image(compiled: tuple[str, list[dict]]) -> N
     assert set(images) == set(STEPS)
     assert images["prepare-data"] == image("pipeline")
     assert images["feature-engineering"] == images["retrieve-features"] == image("feature-engineering")
-    assert images["train-model"] == images["register-model"] == image("train")
+    assert images["train-model"] == images["register-model"] == images["evaluate-against-champion"] == image("train")
     assert images["serve"] == image("pipeline")
     defaults = spec["root"]["inputDefinitions"]["parameters"]
     assert defaults["spark_image"]["defaultValue"] == image("data-preparation")
@@ -55,6 +55,7 @@ OUTPUTS = {
         "evaluation": "system.Artifact",
     },
     "register-model": {"registered_model": "system.Artifact"},
+    "evaluate-against-champion": {"decision": "system.Artifact", "gates": "system.Metrics"},
     "serve": {"endpoint": "system.Artifact"},
 }
 INPUTS = {
@@ -63,8 +64,12 @@ INPUTS = {
     "retrieve-features": {"prepared": ("prepare-data", "prepared"), "feature_store": ("feature-engineering", "feature_store")},
     "train-model": {"training_set": ("retrieve-features", "training_set")},
     "register-model": {"model": ("train-model", "model")},
-    "serve": {
+    "evaluate-against-champion": {
+        "training_set": ("retrieve-features", "training_set"),
         "registered_model": ("register-model", "registered_model"),
+    },
+    "serve": {
+        "registered_model": ("evaluate-against-champion", "decision"),
         "feature_store": ("feature-engineering", "feature_store"),
     },
 }

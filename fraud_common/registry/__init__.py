@@ -13,10 +13,14 @@ from fraud_common.registry.base import (
     ModelRegistry,
     ModelVersion,
     RegistryError,
+    RegistryUnavailable,
 )
 from fraud_common.settings import Settings
 
-__all__ = ["CHALLENGER", "CHAMPION", "AliasEvent", "ModelNotFound", "ModelRegistry", "ModelVersion", "RegistryError", "open_registry"]
+__all__ = [
+    "CHALLENGER", "CHAMPION", "AliasEvent", "ModelNotFound", "ModelRegistry", "ModelVersion", "RegistryError",
+    "RegistryUnavailable", "open_registry",
+]
 
 
 def open_registry(settings: Settings) -> ModelRegistry:

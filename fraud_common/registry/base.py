@@ -30,6 +30,8 @@ ARCHIVED = "ARCHIVED"
 EVENT_KINDS = ("set", "rollback", "clear")
 # Metadata keys the governance functions write onto a version (gates, approval, rollout).
 GOVERNANCE_KEYS = ("gates", "gate_status", "gate_reason", "approval", "rolled_back")
+class RegistryUnavailable(RegistryError):
+    """The registry server cannot be reached or refused the connection."""
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,7 @@ from fraud_common.registry.base import (
     check_alias,
     check_clear,
     check_move,
+    RegistryUnavailable,
     check_names,
     newest_passed_gate,
     normalise_metadata,
@@ -270,7 +271,9 @@ class KubeflowModelRegistry:
                     async_runner=_run_coroutine,
                 )
         except Exception as exc:  # the client raises StoreError, ApiException or aiohttp errors
-            raise RegistryError(f"cannot connect to the Kubeflow model registry at {where}: {_describe(exc)}") from exc
+            raise RegistryUnavailable(
+                f"cannot connect to the Kubeflow model registry at {where}: {_describe(exc)}"
+            ) from exc
         log.debug("connected to the Kubeflow model registry at %s", where)
         return cls(client, where, page_size)
 
