@@ -37,6 +37,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "bench" / "results" / "fresh_clone.json"
 CLONE = "/work/fraud-detection"  # ../shared beside it, as on the CI machine
 PORT = 8081
+BASE_CONTAINERFILE = "containers/Containerfile.base"  # names the Python base image of every step
 SUMMARY = re.compile(r"=+ (.*\b(passed|failed|error)\b.*) in [\d.]+s")
 
 
@@ -50,13 +51,13 @@ def find_engine() -> Path:
 
 
 def python_image(ref: str) -> str:
-    """The default of ``ARG PYTHON_IMAGE`` in the step Containerfiles at ``ref``."""
+    """The default of ``ARG PYTHON_IMAGE`` in the images' shared base at ``ref``."""
     text = subprocess.run(
-        ["git", "-C", str(REPO_ROOT), "show", f"{ref}:train/Containerfile"], check=True, capture_output=True, text=True
+        ["git", "-C", str(REPO_ROOT), "show", f"{ref}:{BASE_CONTAINERFILE}"], check=True, capture_output=True, text=True
     ).stdout
     match = re.search(r"^ARG PYTHON_IMAGE=(\S+)", text, flags=re.M)
     if not match:
-        raise SystemExit("no ARG PYTHON_IMAGE in train/Containerfile")
+        raise SystemExit(f"no ARG PYTHON_IMAGE in {BASE_CONTAINERFILE}")
     return match.group(1)
 
 
