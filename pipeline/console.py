@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TextIO
 
 TAIL_LINES = 20
-NAME_WIDTH = 20
+NAME_WIDTH = 25  # the longest step name, evaluate-against-champion
 # The last "SomeError: message" line of a Python traceback in a step's log.
 _ERROR_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?([A-Z]\w*(?:Error|Exception|Exit|Interrupt|Failure|Found))\b:? ?(.*)$")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
