@@ -123,6 +123,34 @@ require_crd() {
 }
 
 # ---------------------------------------------------------------- shared steps
+# random_token <bytes>: hex from the kernel's CSPRNG (no openssl needed).
+random_token() { od -An -N"$1" -tx1 /dev/urandom | tr -d ' \n'; }
+
+# ensure_s3_secret <namespace...>: the Secret fraud-detection-s3 with the project's S3 keys in each
+# namespace. The keys are generated on the first run and never committed; a rerun keeps the keys
+# already in the first namespace (MinIO was created with them). The values are never printed.
+ensure_s3_secret() {
+    local ns key="" secret=""
+    if [ "${DRY_RUN}" = false ] && kubectl get secret fraud-detection-s3 -n "$1" >/dev/null 2>&1; then
+        key="$(kubectl get secret fraud-detection-s3 -n "$1" -o jsonpath='{.data.AWS_ACCESS_KEY_ID}' | base64 -d)"
+        secret="$(kubectl get secret fraud-detection-s3 -n "$1" -o jsonpath='{.data.AWS_SECRET_ACCESS_KEY}' | base64 -d)"
+    fi
+    [ -n "${key}" ] || key="fraud-$(random_token 6)"
+    [ -n "${secret}" ] || secret="$(random_token 24)"
+    for ns in "$@"; do
+        if [ "${DRY_RUN}" = false ] && kubectl get secret fraud-detection-s3 -n "${ns}" >/dev/null 2>&1; then
+            echo "    Secret ${ns}/fraud-detection-s3 exists: keeping its keys"
+            continue
+        fi
+        printf '+ kubectl create secret generic fraud-detection-s3 -n %s --from-literal=AWS_ACCESS_KEY_ID=<random> --from-literal=AWS_SECRET_ACCESS_KEY=<random>\n' "${ns}"
+        if [ "${DRY_RUN}" = false ]; then
+            kubectl create secret generic fraud-detection-s3 -n "${ns}" \
+                --from-literal=AWS_ACCESS_KEY_ID="${key}" --from-literal=AWS_SECRET_ACCESS_KEY="${secret}" >/dev/null
+        fi
+        run kubectl label secret fraud-detection-s3 -n "${ns}" --overwrite app.kubernetes.io/part-of=fraud-detection
+    done
+}
+
 # install_spark_operator [extra helm args...]: after the namespace exists (the chart creates its
 # job-namespace Role and RoleBinding there, and the controller watches only that namespace).
 install_spark_operator() {
@@ -188,6 +216,7 @@ setup_openshift() {
     require_crd inferenceservices.serving.kserve.io "OpenShift AI with KServe (single-model serving) enabled"
     log "Applying dspa/ (namespace, RBAC, settings, dev MinIO, DataSciencePipelinesApplication)"
     apply_kustomization "${REPO_ROOT}/dspa"
+    ensure_s3_secret "${NAMESPACE}"
     wait_for "the development MinIO" -n "${NAMESPACE}" --for=condition=Available deployment/minio
     wait_for_resource "the pipeline server" -n "${NAMESPACE}" deployment/ds-pipeline-fraud-detection
     wait_for "the pipeline server" -n "${NAMESPACE}" --for=condition=Available deployment/ds-pipeline-fraud-detection
@@ -258,9 +287,11 @@ install_model_registry() {
 }
 
 apply_manifests() {
-    log "Project manifests (namespace, MinIO, service accounts, RBAC, settings, secrets)"
+    log "Project manifests (namespace, MinIO, service accounts, RBAC, settings) and generated S3 keys"
     apply_kustomization "${REPO_ROOT}/manifests"
     wait_for_resource "namespace ${NAMESPACE}" namespace "${NAMESPACE}"
+    # KFP standalone runs the steps in ${KFP_NAMESPACE}: the same keys there.
+    ensure_s3_secret "${NAMESPACE}" "${KFP_NAMESPACE}"
     wait_for "the project's MinIO" -n "${NAMESPACE}" --for=condition=Available deployment/minio
 }
 

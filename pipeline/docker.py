@@ -248,9 +248,12 @@ def _short(run_id: str) -> str:
 
 
 def cluster_env(config_dir: Path = CONFIG_DIR) -> dict[str, str]:
-    """What the ConfigMap and the Secrets give every step on the cluster (manifests/config)."""
+    """What the ConfigMap and the registry Secret give every step on the cluster (manifests/config).
+
+    The S3 keys are not among them: setup.sh generates them per cluster; ``step_env`` adds this
+    machine's."""
     env: dict[str, str] = {}
-    for name in ("settings.env", "s3-credentials.dev.env", "registry.dev.env"):
+    for name in ("settings.env", "registry.dev.env"):
         path = config_dir / name
         if not path.is_file():
             continue

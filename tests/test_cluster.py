@@ -26,7 +26,7 @@ from test_k8s import crd_errors
 
 K8S_VERSION = "1.32.0"  # the kind node image setup.sh pins (kindest/node:v1.32.x)
 PART_OF = ("app.kubernetes.io/part-of", "fraud-detection")
-DEV_ENV_FILES = {"s3-credentials.dev.env", "registry.dev.env"}
+DEV_ENV_FILES = {"registry.dev.env"}
 CUSTOM_GROUPS = ("datasciencepipelinesapplications.opendatahub.io", "serving.kserve.io", "sparkoperator.k8s.io")
 SCRIPTS = sorted(
     p for p in REPO_ROOT.rglob("*.sh")
@@ -96,7 +96,6 @@ def test_fixed_names_exist_where_the_pipeline_runs(rendered) -> None:
     # kind: project namespace + KFP standalone's `kubeflow` namespace (where steps run).
     for ns in (k8s.NAMESPACE, k8s.KFP_NAMESPACE):
         _find(kind_objs, "ConfigMap", k8s.CONFIG_MAP, ns)
-        _find(kind_objs, "Secret", k8s.S3_SECRET, ns)
         _find(kind_objs, "Secret", k8s.REGISTRY_SECRET, ns)
     for objs in (kind_objs, dspa_objs):
         _find(objs, "Namespace", k8s.NAMESPACE)
@@ -282,18 +281,92 @@ def test_secrets_hold_only_the_marked_dev_defaults(rendered) -> None:
             assert base64.b64decode(encoded).decode() == dev[key], f"{folder}: {key} is not the marked dev default"
 
 
-def test_no_credential_literal_outside_the_dev_env_files() -> None:
-    secrets = {v for v in _dev_defaults().values() if len(v) >= 6}
-    assert secrets, "the dev env files should define the S3 keys"
+# An assignment of a credential to a literal value (not a variable, a reference or a placeholder).
+CREDENTIAL_LITERAL = re.compile(
+    r"(AWS_SECRET_ACCESS_KEY|AWS_ACCESS_KEY_ID|MINIO_ROOT_PASSWORD|MINIO_ROOT_USER|FRAUD_REGISTRY_TOKEN)"
+    r"\s*[=:]\s*[\"']?(?![$<{\"'\s])[^\s\"']{3,}"
+)
+
+
+def test_s3_keys_are_generated_not_committed(rendered) -> None:
+    assert not [(folder, obj["metadata"].get("namespace")) for folder, obj in _all(rendered)
+                if obj["kind"] == "Secret" and obj["metadata"]["name"] == "fraud-detection-s3"]
     suspects = []
-    for folder in ("manifests", "dspa", "pipeline", "data_preparation", "rest_predictor"):
+    for folder in ("manifests", "dspa", "pipeline", "data_preparation", "rest_predictor", "fraud_common", "docs"):
         for path in (REPO_ROOT / folder).rglob("*"):
-            if path.is_file() and path.name not in DEV_ENV_FILES and path.suffix in {".yaml", ".yml", ".py", ".sh", ".env", ""}:
+            if path.is_file() and path.suffix in {".yaml", ".yml", ".py", ".sh", ".env", ".md", ""}:
                 text = path.read_text(errors="ignore")
-                suspects += [f"{path.relative_to(REPO_ROOT)}: {s}" for s in secrets if s in text]
-    for script in SCRIPTS:
-        suspects += [f"{script.name}: {s}" for s in secrets if s in script.read_text()]
+                suspects += [f"{path.relative_to(REPO_ROOT)}: {m.group(0)}" for m in CREDENTIAL_LITERAL.finditer(text)]
+    for path in [*SCRIPTS, REPO_ROOT / "README.md"]:
+        suspects += [f"{path.name}: {m.group(0)}" for m in CREDENTIAL_LITERAL.finditer(path.read_text())]
     assert suspects == []
+
+
+def test_the_credential_scan_can_fail() -> None:
+    assert CREDENTIAL_LITERAL.search("AWS_SECRET_ACCESS_KEY=minio123")
+    assert CREDENTIAL_LITERAL.search("MINIO_ROOT_PASSWORD: 's3cr3t-value'")
+    for reference in ('AWS_SECRET_ACCESS_KEY="${secret}"', "AWS_ACCESS_KEY_ID=<random>", "FRAUD_REGISTRY_TOKEN="):
+        assert not CREDENTIAL_LITERAL.search(reference), reference
+
+
+def _stateful_kubectl(bin_dir: Path, store: Path) -> None:
+    """A kubectl that keeps Secrets as files: enough for setup.sh's ensure_s3_secret."""
+    script = f"""#!/usr/bin/env bash
+store={sh_quote(str(store))}
+ns=""; prev=""
+for arg in "$@"; do [ "$prev" = -n ] && ns="$arg"; prev="$arg"; done
+case "$1 $2" in
+  "get secret")
+    [ -f "$store/$ns.$3" ] || exit 1
+    for arg in "$@"; do
+      case "$arg" in jsonpath=*) key="${{arg#jsonpath=\{{.data.}}"; key="${{key%\}}}}"
+        base64 < "$store/$ns.$3.$key" | tr -d '\n' ;; esac
+    done ;;
+  "create secret")
+    touch "$store/$ns.$4"
+    for arg in "$@"; do
+      case "$arg" in --from-literal=*) kv="${{arg#--from-literal=}}"; printf '%s' "${{kv#*=}}" > "$store/$ns.$4.${{kv%%=*}}" ;; esac
+    done ;;
+esac
+"""
+    (bin_dir / "kubectl").write_text(script)
+    (bin_dir / "kubectl").chmod(0o755)
+
+
+def _setup_functions(*names: str) -> str:
+    text = (REPO_ROOT / "setup.sh").read_text()
+    bodies = [re.search(rf"^{name}\(\) \{{.*?^\}}$|^{name}\(\) \{{.*?\}}$", text, flags=re.M | re.S) for name in names]
+    assert all(bodies), names
+    return "\n".join(b.group(0) for b in bodies if b)
+
+
+def test_setup_generates_the_s3_keys_once_and_shares_them(tmp_path: Path) -> None:
+    bin_dir, store = tmp_path / "bin", tmp_path / "secrets"
+    bin_dir.mkdir()
+    store.mkdir()
+    _stateful_kubectl(bin_dir, store)
+    program = "set -euo pipefail\nDRY_RUN=false\n" + _setup_functions("run", "random_token", "ensure_s3_secret")
+    program += "\nensure_s3_secret fraud-detection kubeflow\n"
+    env = {**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin"}
+
+    def keys(ns: str) -> tuple[str, str]:
+        return tuple((store / f"{ns}.fraud-detection-s3.{k}").read_text() for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"))
+
+    first = subprocess.run(["bash", "-c", program], capture_output=True, text=True, env=env)
+    assert first.returncode == 0, first.stderr
+    generated = keys("fraud-detection")
+    assert keys("kubeflow") == generated, "KFP's namespace gets the same keys"
+    assert len(generated[1]) >= 32 and generated[0] != generated[1]
+    assert generated[1] not in first.stdout + first.stderr, "the secret is never printed"
+    (store / "kubeflow.fraud-detection-s3").unlink()  # e.g. KFP reinstalled
+    again = subprocess.run(["bash", "-c", program], capture_output=True, text=True, env=env)
+    assert again.returncode == 0, again.stderr
+    assert keys("fraud-detection") == keys("kubeflow") == generated, "a rerun keeps the keys MinIO has"
+    other = tmp_path / "other"
+    other.mkdir()
+    _stateful_kubectl(bin_dir, other)
+    subprocess.run(["bash", "-c", program], check=True, capture_output=True, env=env)
+    assert (other / "fraud-detection.fraud-detection-s3.AWS_SECRET_ACCESS_KEY").read_text() != generated[1], "random per cluster"
 
 
 # ---------------------------------------------------------------- scripts
@@ -573,6 +646,9 @@ def test_setup_dry_run_kind_applies_everything_in_a_valid_order_and_changes_noth
         ("cert-manager.yaml",), ("kserve-crd",), ("kserve-resources",), ("model-registry",),
         ("apply", "-k", str(REPO_ROOT / "manifests")), ("spark-operator/spark-operator",), ("fraud-detection", "generate"))]
     assert order == sorted(order), "install order changed"
+    # The S3 keys: generated after the namespaces exist, before anything waits on MinIO.
+    secrets = [_step_index(steps, "create", "secret", k8s.S3_SECRET, "-n", ns) for ns in (k8s.NAMESPACE, k8s.KFP_NAMESPACE)]
+    assert order[-3] < min(secrets) and max(secrets) < _step_index(steps, "wait", "deployment/minio")
     kserve = steps[_step_index(steps, "kserve-resources")]["argv"]
     assert f"kserve.controller.deploymentMode={k8s.DEPLOYMENT_MODE}" in kserve
     spark = steps[_step_index(steps, "spark-operator/spark-operator")]["argv"]
@@ -587,6 +663,8 @@ def test_setup_dry_run_openshift_checks_the_operators_then_applies_dspa(tmp_path
     assert [p for s in steps for p in _pinned(s)] == []
     (apply,) = [s for s in steps if s["objects"]]
     assert apply["argv"][3].endswith("/dspa")
+    created = [s["argv"] for s in steps if s["argv"][:3] == ["kubectl", "create", "secret"]]
+    assert [_flag(argv, "-n") for argv in created] == [k8s.NAMESPACE]
     spark = steps[_step_index(steps, "spark-operator/spark-operator")]["argv"]
     assert "controller.podSecurityContext.fsGroup=null" in spark and "webhook.podSecurityContext.fsGroup=null" in spark
 

@@ -26,10 +26,11 @@ FAKE_S3 = {"S3_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "k", "A
 
 def test_step_env_keeps_every_configmap_and_secret_key(tmp_path: Path) -> None:
     cluster = docker_platform.cluster_env()
-    assert {"S3_ENDPOINT_URL", "FRAUD_DATA_URI", "FRAUD_MODELS_URI", "AWS_ACCESS_KEY_ID"} <= set(cluster)
+    assert {"S3_ENDPOINT_URL", "FRAUD_DATA_URI", "FRAUD_MODELS_URI", "FRAUD_REGISTRY_TOKEN"} <= set(cluster)
     env = docker_platform.step_env(Settings.from_env({"FRAUD_HOME": str(tmp_path)}), tmp_path / "state", FAKE_S3)
     assert set(cluster) <= set(env), "every setting the cluster gives a step reaches its container"
     assert env["S3_ENDPOINT_URL"] == FAKE_S3["S3_ENDPOINT_URL"], "this machine's S3 server, not the cluster's"
+    assert env["AWS_ACCESS_KEY_ID"] == FAKE_S3["AWS_ACCESS_KEY_ID"], "this machine's S3 keys"
     for key in ("FRAUD_DATA_URI", "FRAUD_MODELS_URI", "FRAUD_FEAST_SNAPSHOT_URI"):
         assert env[key].startswith("s3://"), f"{key}: what the steps write goes to S3"
     assert env["FRAUD_REGISTRY_BACKEND"] == "local" and env["FRAUD_REGISTRY_URI"].startswith(str(tmp_path / "state"))
