@@ -133,6 +133,23 @@ def test_the_project_store_is_where_the_settings_point(rendered) -> None:
     assert f"http://{storage['host']}:{storage['port']}" == config["S3_ENDPOINT_URL"]
 
 
+def test_kfp_standalone_keeps_the_pipeline_root_on_the_project_store(rendered) -> None:
+    """Spark writes the `prepared` artifact's URI and the predictor reads the snapshot's: on kind
+    the launcher's pipeline root must be the project's MinIO, with the project's keys, the same
+    place and keys the DSPA gives OpenShift."""
+    launcher = _find(rendered["manifests"], "ConfigMap", "kfp-launcher", k8s.KFP_NAMESPACE)["data"]
+    s3 = yaml.safe_load(launcher["providers"])["s3"]["default"]
+    config = _find(rendered["manifests"], "ConfigMap", k8s.CONFIG_MAP, k8s.KFP_NAMESPACE)["data"]
+    assert f"http://{s3['endpoint']}" == config["S3_ENDPOINT_URL"] and s3["disableSSL"] is True
+    assert s3["region"] == config["AWS_DEFAULT_REGION"]
+    assert s3["credentials"] == {"fromEnv": False, "secretRef": {
+        "secretName": k8s.S3_SECRET, "accessKeyKey": "AWS_ACCESS_KEY_ID", "secretKeyKey": "AWS_SECRET_ACCESS_KEY"}}
+    dspa = _find(rendered["dspa"], "DataSciencePipelinesApplication", k8s.DSPA_NAME, k8s.NAMESPACE)
+    storage = dspa["spec"]["objectStorage"]["externalStorage"]
+    assert launcher["defaultPipelineRoot"] == f"s3://{storage['bucket']}/{storage['basePath']}"
+    assert launcher["defaultPipelineRoot"].startswith(config["FRAUD_DATA_URI"].rsplit("/", 1)[0] + "/")
+
+
 def test_minio_runs_non_root_on_kind_and_with_an_assigned_uid_on_openshift(rendered) -> None:
     kind_minio = _find(rendered["manifests"], "Deployment", "minio", k8s.NAMESPACE)["spec"]["template"]["spec"]
     assert kind_minio["securityContext"]["runAsUser"] > 0
@@ -163,8 +180,8 @@ def test_openshift_project_is_visible_in_the_dashboard_and_reaches_the_registry_
 def test_config_map_holds_only_known_settings(rendered) -> None:
     known = set(Settings.from_env({}).to_env())
     for folder, obj in _all(rendered):
-        if obj["kind"] != "ConfigMap":
-            continue
+        if obj["kind"] != "ConfigMap" or obj["metadata"]["name"] != k8s.CONFIG_MAP:
+            continue  # e.g. KFP's own kfp-launcher (checked above)
         data = obj["data"]
         unknown = set(data) - known
         assert not unknown, f"{folder}: ConfigMap keys no setting reads: {sorted(unknown)}"
