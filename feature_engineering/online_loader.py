@@ -8,7 +8,7 @@ written it; ``tests/test_feature_store.py`` compares the two byte for byte, for 
 
 * Values are encoded column-wise: doubles as the ``ValueProto`` bytes ``<double_val tag> +
   8 bytes little-endian`` built with numpy, booleans and counts through ``ValueProto`` once per
-  distinct value. Entity keys use the prefix Feast's own ``serialize_entity_key`` produces.
+  distinct value. Keys and field names: ``fraud_common.feature_store`` (shared with the reader).
 * What changed: a 64-bit digest per user over its values and timestamps, kept in the store
   itself (a table beside Feast's in SQLite, one hash in Redis), so every writer of a shared
   store sees the same state. A rerun on the same data writes nothing.
@@ -23,7 +23,6 @@ same version); the byte-equality test fails when a Feast upgrade changes it.
 from __future__ import annotations
 
 import sqlite3
-import struct
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,7 +31,7 @@ from typing import Protocol
 import numpy as np
 import pandas as pd
 
-from fraud_common import schemas
+from fraud_common import feature_store, schemas
 from fraud_common.feature_store import FEATURE_VIEW, PROJECT
 from fraud_common.logs import get_logger
 
@@ -81,25 +80,14 @@ def digests(latest: pd.DataFrame) -> np.ndarray:
 
 
 class Encoder:
-    """Encodes feature columns as Feast 0.67 does, deriving every constant from Feast itself."""
+    """Encodes feature columns as Feast 0.67 does (keys: ``fraud_common.feature_store``)."""
 
     def __init__(self, feature_types: dict[str, str]) -> None:
-        from feast.infra.key_encoding_utils import serialize_entity_key
-        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
         from feast.protos.feast.types.Value_pb2 import Value
 
         self._value = Value
         self.feature_types = feature_types  # feature -> "double" | "bool" | "int64"
-        probe = serialize_entity_key(
-            EntityKey(join_keys=[schemas.ENTITY_KEY], entity_values=[Value(string_val="")]), entity_key_serialization_version=3
-        )
-        self.key_prefix = probe[:-4]  # everything before the value's length and bytes
         self.double_tag = Value(double_val=1.0).SerializeToString()[:1]
-
-    def entity_key(self, user_id: str) -> bytes:
-        """``serialize_entity_key`` (v3) of one user id."""
-        raw = user_id.encode()
-        return self.key_prefix + struct.pack("<I", len(raw)) + raw
 
     def column(self, name: str, values: np.ndarray) -> tuple[list[bytes], list[str]]:
         """ValueProto bytes and Feast's ``value_text`` of one feature column."""
@@ -132,7 +120,7 @@ class Encoder:
             values[name], texts[name] = self.column(name, column.to_numpy())
         return Encoded(
             user_ids=user_ids,
-            entity_keys=[self.entity_key(u) for u in user_ids],
+            entity_keys=[feature_store.entity_key(u) for u in user_ids],
             values=values,
             texts=texts,
             event_ts=_naive_utc(latest[schemas.EVENT_TIMESTAMP]),
@@ -196,7 +184,7 @@ class SqliteWriter:
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        self.table = f"{PROJECT}_{FEATURE_VIEW}"
+        self.table = feature_store.SQLITE_TABLE
         self.names = sorted(schemas.MODEL_FEATURES)
         self.db = sqlite3.connect(self.path, isolation_level=None)
         self.db.execute("PRAGMA synchronous=OFF")  # one transaction, committed at close: fsync once
@@ -264,12 +252,10 @@ class RedisWriter:
     (murmur3 of ``view:feature``) and ``_ts:<view>`` (the event time as a Timestamp proto)."""
 
     def __init__(self, client) -> None:  # noqa: ANN001 - redis.Redis
-        from feast.infra.online_stores.helpers import _mmh3
-
         self.client = client
         self.project = PROJECT.encode()
-        self.fields = {name: _mmh3(f"{FEATURE_VIEW}:{name}") for name in schemas.MODEL_FEATURES}
-        self.ts_field = f"_ts:{FEATURE_VIEW}".encode()
+        self.fields = {name: feature_store.redis_field(name) for name in schemas.MODEL_FEATURES}
+        self.ts_field = feature_store.REDIS_TS_FIELD
 
     def previous_digests(self) -> dict[str, int]:
         found: dict[str, int] = {}

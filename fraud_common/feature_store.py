@@ -16,13 +16,14 @@ import json
 import os
 import shutil
 import sqlite3
+import struct
 import tempfile
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from fraud_common import storage
 from fraud_common.logs import get_logger
-from fraud_common.schemas import MODEL_FEATURES
+from fraud_common.schemas import ENTITY_KEY, MODEL_FEATURES
 from fraud_common.settings import Settings
 
 log = get_logger(__name__)
@@ -37,6 +38,34 @@ ONLINE_STORE_FILE = "online_store.db"
 SNAPSHOT_FILES = (REGISTRY_FILE, ONLINE_STORE_FILE)
 # Rows converted and written per online-store batch: bounds materialization's memory at 1M users.
 ONLINE_WRITE_BATCH_SIZE = 50_000
+
+
+# Feast's online layout (Feast 0.67, entity key serialization v3), shared by the feature step's
+# bulk loader and the predictor's reader; tests check every piece against Feast's own functions.
+SQLITE_TABLE = f"{PROJECT}_{FEATURE_VIEW}"
+REDIS_TS_FIELD = f"_ts:{FEATURE_VIEW}".encode()
+_STRING_TYPE = 2  # feast ValueType.STRING
+_KEY_NAME = ENTITY_KEY.encode()
+_ENTITY_KEY_PREFIX = struct.pack("<III", 1, _STRING_TYPE, len(_KEY_NAME)) + _KEY_NAME + struct.pack("<I", _STRING_TYPE)
+
+
+def entity_key(user_id: str) -> bytes:
+    """Feast's ``serialize_entity_key`` (v3) of one user: the SQLite ``entity_key`` column."""
+    raw = user_id.encode()
+    return _ENTITY_KEY_PREFIX + struct.pack("<I", len(raw)) + raw
+
+
+def redis_key(user_id: str) -> bytes:
+    """The Redis hash of one user in Feast's layout: the serialized entity key, then the project."""
+    return entity_key(user_id) + PROJECT.encode()
+
+
+def redis_field(feature: str) -> bytes:
+    """The hash field of one feature in Feast's Redis layout: murmur3 (32-bit, little-endian) of
+    ``view:feature``."""
+    import mmh3  # a Feast dependency, present wherever Feast is
+
+    return struct.pack("<I", mmh3.hash(f"{FEATURE_VIEW}:{feature}", signed=False))
 
 
 class SnapshotError(RuntimeError):
