@@ -206,7 +206,7 @@ def open_writer(settings: Settings) -> online_loader.OnlineWriter:
         import redis
 
         try:
-            client = redis.Redis.from_url(settings.online_store_url)
+            client = redis.Redis.from_url(settings.online_store_client_url)
             client.ping()
         except redis.RedisError as err:
             raise FeatureStoreError(f"cannot reach the online store {_redacted(settings.online_store_url)}: {err}") from err

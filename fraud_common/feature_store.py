@@ -112,7 +112,7 @@ def store_config(settings: Settings) -> dict:
     """
     feast_dir = Path(settings.feast_dir)
     if uses_redis(settings):
-        online: dict = {"type": "redis", "connection_string": redis_connection_string(settings.online_store_url)}
+        online: dict = {"type": "redis", "connection_string": redis_connection_string(settings.online_store_client_url)}
     else:
         online = {"type": "sqlite", "path": str(feast_dir / ONLINE_STORE_FILE)}
     return {

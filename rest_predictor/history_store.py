@@ -287,7 +287,7 @@ def open_history_store(settings: Settings) -> HistoryStore:
         if not url:
             return SqliteHistoryStore(Path(settings.feast_dir) / SQLITE_FILE)
         if url.split("://", 1)[0] in ("redis", "rediss", "unix"):
-            store = RedisHistoryStore(url)
+            store = RedisHistoryStore(settings.online_store_client_url)
             store.client.ping()
             return store
     except Exception as err:  # sqlite3 and redis raise their own types for an unusable store

@@ -193,7 +193,7 @@ class BulkOnlineRead(ProviderOnlineRead):
 
             if settings is None or not settings.online_store_url:
                 raise PredictorLoadError("the Redis online store needs FRAUD_ONLINE_STORE_URL")
-            self.client = redis.Redis.from_url(settings.online_store_url)
+            self.client = redis.Redis.from_url(settings.online_store_client_url)
             self.fields = [feature_store.redis_field(name) for name in self.feature_names]
             self._script = self.client.register_script(_REDIS_READ)
         elif self.kind == "sqlite":
