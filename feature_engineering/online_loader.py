@@ -23,6 +23,7 @@ same version); the byte-equality test fails when a Feast upgrade changes it.
 from __future__ import annotations
 
 import sqlite3
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -186,7 +187,8 @@ class SqliteWriter:
         self.path = Path(path)
         self.table = feature_store.SQLITE_TABLE
         self.names = sorted(schemas.MODEL_FEATURES)
-        self.db = sqlite3.connect(self.path, isolation_level=None)
+        # Used by one thread at a time: the loader's writer thread, then the caller (count, close).
+        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA synchronous=OFF")  # one transaction, committed at close: fsync once
         self.db.execute("PRAGMA cache_size=-262144")  # 256 MB: the indexes of 13M rows stay in memory
         self.db.execute("PRAGMA temp_store=MEMORY")
@@ -352,9 +354,18 @@ def load(writer: OnlineWriter, encoder: Encoder, latest: pd.DataFrame, full: boo
     lengths = latest[schemas.ENTITY_KEY].astype(str).str.encode("utf-8").str.len().to_numpy()
     selected = selected[np.lexsort((users[selected].astype(str), lengths[selected]))]
     try:
-        for start in range(0, len(selected), CHUNK_USERS):
-            rows = selected[start : start + CHUNK_USERS]
-            writer.write(encoder.encode(latest.iloc[rows]), new[rows])
+        # The writer works on chunk k (SQLite's fan-out and Redis's socket I/O release the GIL)
+        # while this thread encodes chunk k + 1; one write at a time, in order.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = None
+            for start in range(0, len(selected), CHUNK_USERS):
+                rows = selected[start : start + CHUNK_USERS]
+                encoded = encoder.encode(latest.iloc[rows])
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(writer.write, encoded, new[rows])
+            if pending is not None:
+                pending.result()
         after = writer.count()
     except BaseException:
         writer.abort()  # type: ignore[attr-defined]

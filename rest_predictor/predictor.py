@@ -194,7 +194,8 @@ class FraudPredictor(kserve.Model):
     def preprocess(self, payload: dict | bytes | InferRequest, headers: dict[str, str] | None = None) -> Scoring:
         """Parse the v1 body or v2 ``InferRequest`` and read the users' features (one online read).
 
-        Synchronous on purpose: kserve then calls it on the event loop, with no thread hop.
+        Synchronous on purpose: for a single request kserve calls it on the event loop, with no
+        thread hop; ``__call__`` runs it on a worker thread for a batch.
         Raises ``InvalidInput`` (400), ``BatchTooLarge`` (413) or ``UnknownUser`` (404).
         """
         features = self.features
