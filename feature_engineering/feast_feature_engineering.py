@@ -9,19 +9,19 @@ Public API (the pipeline and the predictor use these):
 
 ``prepared_uri`` is the folder data preparation wrote (``features/`` and ``entities/``); by
 default ``settings.prepared_uri``, in the pipeline the input artifact's path. The online store is
-a SQLite file so that one machine needs no server; the cluster's predictor downloads a snapshot of
-it (``fraud_common.feature_store.publish_snapshot`` / ``fetch_snapshot``). A production deployment
-would point ``online_store`` at Redis or Postgres instead, read live, with no snapshot.
+a SQLite file by default, so that one machine needs no server (a predictor elsewhere downloads a
+snapshot of it: ``fraud_common.feature_store.publish_snapshot`` / ``fetch_snapshot``), or the
+shared Redis of ``FRAUD_ONLINE_STORE_URL`` that every predictor replica reads live (the cluster's).
+Materialization writes Feast's own online layout in bulk (``feature_engineering.online_loader``)
+instead of ``FeatureStore.materialize``, which converts and writes row by row.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
-import sqlite3
 import sys
 import tempfile
 import time
@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
+from urllib.parse import urlsplit
 
 import numpy as np
 import pandas as pd
@@ -36,6 +37,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from feature_engineering import online_loader
 from fraud_common import schemas, storage
 from fraud_common.artifacts import IGNORED_PREFIXES, arrow_filesystem
 from fraud_common.feature_store import (
@@ -47,6 +49,7 @@ from fraud_common.feature_store import (
     fetch_snapshot,
     publish_snapshot,
     store_config,
+    uses_redis,
 )
 from fraud_common.logs import get_logger, setup_logging
 from fraud_common.settings import Settings
@@ -55,8 +58,6 @@ log = get_logger(__name__)
 
 # Materialization windows start here on a full run: every event time in the data is later.
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-# Remembers which source content the online store holds (see _needs_full_run).
-STATE_FILE = "materialized_source.json"
 MISSING_POLICIES = ("error", "drop", "keep")
 
 
@@ -68,25 +69,26 @@ class FeatureStoreError(RuntimeError):
 class MaterializeReport:
     """What one ``apply_and_materialize`` call did.
 
-    ``rows_in_window`` counts the source rows whose event time lies in the materialized window:
-    exactly the rows Feast pulled and wrote (the online store keeps the latest one per user).
-    ``online_users_before``/``after`` count the users the online store holds, read from SQLite.
+    ``rows_in_window`` counts the source rows whose event time is at or before the window's end
+    (the online store keeps the latest one per user); ``users_written`` the users whose row was
+    written. ``online_users_before``/``after`` count the users the online store holds.
     """
 
     objects_applied: int
-    mode: str  # "full" (from the epoch) or "incremental" (since the last materialization)
+    mode: str  # "full" (every user written) or "incremental" (only users whose row changed)
     window_start: str
     window_end: str
     rows_in_window: int
     online_users_before: int
     online_users_after: int
+    users_written: int  # users whose latest row changed (all of them on a full run)
     apply_seconds: float
     materialize_seconds: float
     seconds: float
 
     @property
     def rows_per_second(self) -> float:
-        """Materialized source rows per second of materialization."""
+        """Source rows per second of materialization."""
         return self.rows_in_window / self.materialize_seconds if self.materialize_seconds > 0 else 0.0
 
     def to_dict(self) -> dict:
@@ -118,19 +120,16 @@ def _online_db(settings: Settings) -> Path:
 
 def count_online_users(settings: Settings) -> int:
     """How many users the online store holds values for (0 when there is no store yet)."""
-    path = _online_db(settings)
-    if not path.exists():
+    if not uses_redis(settings) and not _online_db(settings).exists():
         return 0
-    table = f"{PROJECT}_{FEATURE_VIEW}"
-    with sqlite3.connect(path) as conn:
-        exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (table,)).fetchone()
-        if not exists:
-            return 0
-        # One SQLite row per (user, feature): count the rows of one feature.
-        (count,) = conn.execute(
-            f'SELECT COUNT(*) FROM "{table}" WHERE feature_name = ?', (schemas.MODEL_FEATURES[0],)
-        ).fetchone()
-    return int(count)
+    try:
+        writer = open_writer(settings)
+    except FeatureStoreError:
+        return 0  # no table yet: nothing applied
+    try:
+        return writer.count()
+    finally:
+        writer.abort()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,17 +156,6 @@ def _source_files(path: Path) -> list[Path]:
         return [path]
     files = sorted(p for p in path.rglob("*") if p.is_file())
     return [p for p in files if not any(part.startswith(IGNORED_PREFIXES) for part in p.relative_to(path).parts)]
-
-
-def _fingerprint(path: Path) -> str:
-    """A content hash of the source's Parquet files (names and bytes)."""
-    digest = hashlib.blake2b(digest_size=16)
-    for file in _source_files(path):
-        digest.update(file.relative_to(path).as_posix().encode() if path.is_dir() else file.name.encode())
-        with file.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def stage_source(settings: Settings, prepared_uri: str | None = None) -> Path:
@@ -208,26 +196,40 @@ def _check_source(path: Path) -> None:
         raise FeatureStoreError(f"prepared features at {path} lack columns {missing}; they have {schema.names}")
 
 
-def _rows_in_window(path: Path, start: datetime, end: datetime) -> int:
-    """Source rows whose event time is in [start, end], the bounds Feast's file store uses."""
-    column = pads.dataset(str(path), format="parquet", ignore_prefixes=list(IGNORED_PREFIXES)).to_table(
-        columns=[schemas.EVENT_TIMESTAMP]
-    )[schemas.EVENT_TIMESTAMP]
-    times = pd.to_datetime(column.to_pandas(), utc=True)
-    return int(((times >= pd.Timestamp(start)) & (times <= pd.Timestamp(end))).sum())
-
-
 # ---------------------------------------------------------------------------------------------
 # Apply and materialize
 
 
-def _read_state(settings: Settings) -> dict:
-    path = Path(settings.feast_dir) / STATE_FILE
-    return json.loads(path.read_text()) if path.exists() else {}
+def open_writer(settings: Settings) -> online_loader.OnlineWriter:
+    """The bulk writer of the configured online store (``store_config``): SQLite or Redis."""
+    if uses_redis(settings):
+        import redis
+
+        try:
+            client = redis.Redis.from_url(settings.online_store_client_url)
+            client.ping()
+        except redis.RedisError as err:
+            raise FeatureStoreError(f"cannot reach the online store {_redacted(settings.online_store_url)}: {err}") from err
+        return online_loader.RedisWriter(client)
+    try:
+        return online_loader.SqliteWriter(_online_db(settings))
+    except online_loader.LoadError as err:
+        raise FeatureStoreError(str(err)) from err
 
 
-def _write_state(settings: Settings, state: dict) -> None:
-    storage.write_bytes(str(Path(settings.feast_dir) / STATE_FILE), json.dumps(state, indent=2).encode(), settings)
+def _redacted(url: str) -> str:
+    parts = urlsplit(url)
+    return url.replace(f":{parts.password}@", ":***@") if parts.password else url
+
+
+def read_source(source: Path) -> pd.DataFrame:
+    """The columns the view materializes, from the staged prepared features."""
+    columns = [schemas.ENTITY_KEY, schemas.EVENT_TIMESTAMP, schemas.CREATED_TIMESTAMP, *schemas.MODEL_FEATURES]
+    dataset = pads.dataset(str(source), format="parquet", ignore_prefixes=list(IGNORED_PREFIXES))
+    frame = dataset.to_table(columns=columns).to_pandas()
+    for column in (schemas.EVENT_TIMESTAMP, schemas.CREATED_TIMESTAMP):
+        frame[column] = pd.to_datetime(frame[column], utc=True)
+    return frame
 
 
 def apply_and_materialize(
@@ -235,17 +237,17 @@ def apply_and_materialize(
 ) -> MaterializeReport:
     """Register the definitions and bring the online store up to date with the prepared features.
 
-    The first run (or ``full=True``, or a run whose source content changed since the last one)
-    materializes everything from the epoch: the rows all carry the fixed label time, so a window
-    counted back from now would miss them, and new data with old event times is a backfill that
-    incremental windows would never see. Later runs are incremental from the last window's end
-    (``materialize_incremental``), so a rerun on the same data writes nothing.
+    Every run considers all source rows up to ``end_date`` (default now): the rows all carry the
+    fixed label time, and new data with old event times is a backfill that windows counted from
+    the last run would miss. Of the latest row per user, only those that differ from what the
+    store holds are written (``online_loader``: Feast's layout, in bulk); ``full=True`` writes
+    every user again. A rerun on the same data writes nothing. The materialized interval is
+    recorded in the registry, as ``feast materialize`` does.
     """
     started = time.perf_counter()
     end = (end_date or datetime.now(timezone.utc)).astimezone(timezone.utc)
     source = stage_source(settings, prepared_uri)
     _check_source(source)
-    fingerprint = _fingerprint(source)
 
     store = open_store(settings)
     objects = _definitions(settings, source)
@@ -253,31 +255,26 @@ def apply_and_materialize(
     applied = time.perf_counter()
 
     view = store.get_feature_view(FEATURE_VIEW)
-    last_end = view.most_recent_end_time
-    previous = _read_state(settings)
-    changed = previous.get("fingerprint") != fingerprint
-    before = count_online_users(settings)
-    if full or last_end is None or changed:
-        mode, start = "full", EPOCH
-        if last_end is not None and changed and not full:
-            log.info("prepared features changed since the last materialization: full run")
-        store.materialize(start_date=start, end_date=end, feature_views=[FEATURE_VIEW])
-    else:
-        mode, start = "incremental", last_end.astimezone(timezone.utc)
-        if start >= end:
-            raise FeatureStoreError(f"end date {end.isoformat()} is not after the last materialization {start.isoformat()}")
-        store.materialize_incremental(end_date=end, feature_views=[FEATURE_VIEW])
+    frame = read_source(source)
+    latest = online_loader.latest_per_user(frame, end)
+    writer = open_writer(settings)
+    try:
+        loaded = online_loader.load(writer, online_loader.Encoder(online_loader.feature_types(view)), latest, full=full)
+    except online_loader.LoadError as err:
+        raise FeatureStoreError(f"{source}: {err}") from err
+    mode = "full" if full or loaded.users_before == 0 else "incremental"
+    store.registry.apply_materialization(view, PROJECT, EPOCH, end)
     materialized = time.perf_counter()
-    _write_state(settings, {"fingerprint": fingerprint, "source": str(source), "window_end": end.isoformat()})
 
     report = MaterializeReport(
         objects_applied=len(objects),
         mode=mode,
-        window_start=start.isoformat(),
+        window_start=EPOCH.isoformat(),
         window_end=end.isoformat(),
-        rows_in_window=_rows_in_window(source, start, end),
-        online_users_before=before,
-        online_users_after=count_online_users(settings),
+        rows_in_window=int((frame[schemas.EVENT_TIMESTAMP] <= pd.Timestamp(end)).sum()),
+        online_users_before=loaded.users_before,
+        online_users_after=loaded.users_after,
+        users_written=loaded.users_written,
         apply_seconds=round(applied - started, 3),
         materialize_seconds=round(materialized - applied, 3),
         seconds=round(time.perf_counter() - started, 3),

@@ -4,22 +4,26 @@ Only plain data and file copies live here (no Feast import), so the shared packa
 callers build ``feast.RepoConfig(**store_config(settings))``. The Feast objects themselves
 (entity, source, view, service) are defined once in ``feature_engineering/feature_repo``.
 
-A snapshot is a folder (local or ``s3://``) holding ``registry.db`` and a consistent copy of
-the SQLite ``online_store.db``: the feature step publishes one as its pipeline artifact, the
-predictor fetches one into its ``feast_dir`` before opening the store.
+A snapshot is a folder (local or ``s3://``) holding ``registry.db`` and, with the SQLite online
+store, a consistent copy of ``online_store.db``: the feature step publishes one as its pipeline
+artifact, the predictor fetches one into its ``feast_dir`` before opening the store. With Redis
+(``FRAUD_ONLINE_STORE_URL``) the values live in the shared server and a snapshot is the registry.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sqlite3
+import struct
 import tempfile
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 from fraud_common import storage
 from fraud_common.logs import get_logger
-from fraud_common.schemas import MODEL_FEATURES
+from fraud_common.schemas import ENTITY_KEY, MODEL_FEATURES
 from fraud_common.settings import Settings
 
 log = get_logger(__name__)
@@ -36,22 +40,86 @@ SNAPSHOT_FILES = (REGISTRY_FILE, ONLINE_STORE_FILE)
 ONLINE_WRITE_BATCH_SIZE = 50_000
 
 
+# Feast's online layout (Feast 0.67, entity key serialization v3), shared by the feature step's
+# bulk loader and the predictor's reader; tests check every piece against Feast's own functions.
+SQLITE_TABLE = f"{PROJECT}_{FEATURE_VIEW}"
+REDIS_TS_FIELD = f"_ts:{FEATURE_VIEW}".encode()
+_STRING_TYPE = 2  # feast ValueType.STRING
+_KEY_NAME = ENTITY_KEY.encode()
+_ENTITY_KEY_PREFIX = struct.pack("<III", 1, _STRING_TYPE, len(_KEY_NAME)) + _KEY_NAME + struct.pack("<I", _STRING_TYPE)
+
+
+def entity_key(user_id: str) -> bytes:
+    """Feast's ``serialize_entity_key`` (v3) of one user: the SQLite ``entity_key`` column."""
+    raw = user_id.encode()
+    return _ENTITY_KEY_PREFIX + struct.pack("<I", len(raw)) + raw
+
+
+def redis_key(user_id: str) -> bytes:
+    """The Redis hash of one user in Feast's layout: the serialized entity key, then the project."""
+    return entity_key(user_id) + PROJECT.encode()
+
+
+def redis_field(feature: str) -> bytes:
+    """The hash field of one feature in Feast's Redis layout: murmur3 (32-bit, little-endian) of
+    ``view:feature``."""
+    import mmh3  # a Feast dependency, present wherever Feast is
+
+    return struct.pack("<I", mmh3.hash(f"{FEATURE_VIEW}:{feature}", signed=False))
+
+
 class SnapshotError(RuntimeError):
     """A store snapshot cannot be published or fetched."""
 
 
+def uses_redis(settings: Settings) -> bool:
+    """Whether the online store is the shared Redis of ``settings.online_store_url`` (else SQLite)."""
+    return bool(settings.online_store_url)
+
+
+def redis_connection_string(url: str) -> str:
+    """Feast's Redis ``connection_string`` (``host:port,key=value,...``) for a redis-py URL.
+
+    ``redis://[:password@]host[:port][/db]``, ``rediss://`` (TLS) or ``unix:///path.sock``; the
+    password is JSON-quoted because Feast parses every value as JSON (a digit-only password would
+    become a number).
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"online store URL {url!r}: use redis://, rediss:// or unix://")
+    if parts.scheme == "unix":
+        pieces = ["localhost:6379", f"unix_socket_path={parts.path}"]
+    else:
+        pieces = [f"{parts.hostname or 'localhost'}:{parts.port or 6379}"]
+        database = parts.path.lstrip("/")
+        if database:
+            pieces.append(f"db={int(database)}")
+        if parts.scheme == "rediss":
+            pieces.append("ssl=true")
+    if parts.username:
+        pieces.append(f"username={json.dumps(unquote(parts.username))}")
+    if parts.password:
+        pieces.append(f"password={json.dumps(unquote(parts.password))}")
+    return ",".join(pieces)
+
+
 def store_config(settings: Settings) -> dict:
-    """Feast repo configuration: SQLite online store and file registry under ``settings.feast_dir``.
+    """Feast repo configuration: file registry under ``settings.feast_dir``; online store SQLite
+    there (the embedded default) or the Redis of ``settings.online_store_url`` (the cluster's).
 
     ``feature_engineering/feature_repo/feature_store.yaml`` (the Feast CLI's copy) is generated
     from this (``python -m feature_engineering.feast_feature_engineering config``).
     """
     feast_dir = Path(settings.feast_dir)
+    if uses_redis(settings):
+        online: dict = {"type": "redis", "connection_string": redis_connection_string(settings.online_store_client_url)}
+    else:
+        online = {"type": "sqlite", "path": str(feast_dir / ONLINE_STORE_FILE)}
     return {
         "project": PROJECT,
         "provider": "local",
         "registry": str(feast_dir / REGISTRY_FILE),
-        "online_store": {"type": "sqlite", "path": str(feast_dir / ONLINE_STORE_FILE)},
+        "online_store": online,
         "offline_store": {"type": "file"},
         "entity_key_serialization_version": 3,
         "materialization": {"online_write_batch_size": ONLINE_WRITE_BATCH_SIZE},
@@ -63,24 +131,31 @@ def feature_refs() -> list[str]:
     return [f"{FEATURE_VIEW}:{name}" for name in MODEL_FEATURES]
 
 
+def snapshot_files(settings: Settings) -> tuple[str, ...]:
+    """The files of a snapshot: the registry, and the SQLite online store unless it is Redis."""
+    return (REGISTRY_FILE,) if uses_redis(settings) else SNAPSHOT_FILES
+
+
 def publish_snapshot(settings: Settings, uri: str) -> list[str]:
-    """Copy the registry and a consistent snapshot of the SQLite online store to ``uri``.
+    """Copy the registry and a consistent snapshot of the SQLite online store (if any) to ``uri``.
 
     ``uri`` is a local folder or an s3:// prefix; returns the URIs written. Local files are
     written beside their targets and renamed into place.
     """
     feast_dir = Path(settings.feast_dir)
     registry, online = feast_dir / REGISTRY_FILE, feast_dir / ONLINE_STORE_FILE
-    for path in (registry, online):
+    names = snapshot_files(settings)
+    for path in (registry, online)[: len(names)]:
         if not path.exists():
             raise SnapshotError(f"nothing to publish: {path} does not exist (run apply first)")
     written = []
     with tempfile.TemporaryDirectory(prefix="feast-publish-") as tmp:
         snapshot = Path(tmp) / ONLINE_STORE_FILE
-        # SQLite's backup API copies a consistent state even if a writer is active.
-        with sqlite3.connect(online) as source, sqlite3.connect(snapshot) as target:
-            source.backup(target)
-        for name, path in ((REGISTRY_FILE, registry), (ONLINE_STORE_FILE, snapshot)):
+        if ONLINE_STORE_FILE in names:
+            # SQLite's backup API copies a consistent state even if a writer is active.
+            with sqlite3.connect(online) as source, sqlite3.connect(snapshot) as target:
+                source.backup(target)
+        for name, path in ((REGISTRY_FILE, registry), (ONLINE_STORE_FILE, snapshot))[: len(names)]:
             destination = storage.join(uri, name)
             if storage.is_s3(uri):
                 storage.upload(path, destination, settings)
@@ -99,14 +174,15 @@ def fetch_snapshot(uri: str, settings: Settings) -> Path:
     """
     feast_dir = Path(settings.feast_dir)
     feast_dir.mkdir(parents=True, exist_ok=True)
+    names = snapshot_files(settings)
     with tempfile.TemporaryDirectory(dir=feast_dir, prefix=".fetch-") as tmp:
-        for name in SNAPSHOT_FILES:
+        for name in names:
             source = storage.join(uri, name)
             try:
                 storage.download(source, Path(tmp) / name, settings)
             except storage.StorageError as err:
                 raise SnapshotError(f"cannot fetch the Feast store snapshot file {source}: {err}") from err
-        for name in SNAPSHOT_FILES:
+        for name in names:
             os.replace(Path(tmp) / name, feast_dir / name)
     log.info("fetched the feature store snapshot %s into %s", uri, feast_dir)
     return feast_dir

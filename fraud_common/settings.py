@@ -5,7 +5,8 @@ from in a cluster (``source``):
 
 * ``config``: the ConfigMap ``fraud-detection-config`` (``manifests/config/settings.env`` holds
   the cluster's values; a test keeps that file's keys and these fields equal).
-* ``fraud-detection-s3`` / ``fraud-detection-registry``: those Secrets (credentials only).
+* ``fraud-detection-s3`` / ``fraud-detection-registry``: those Secrets (credentials only);
+  ``fraud-online-store``: the Redis password, a Secret setup.sh generates (never committed).
 * ``local``: not in the ConfigMap: meaningful on one machine only (``FRAUD_HOME``, the local
   server), set per pod by the pipeline (the served model version, the Feast snapshot), or read
   at build/compile time (image names).
@@ -27,9 +28,11 @@ from typing import Any, Callable, Mapping
 CONFIG_MAP = "fraud-detection-config"
 S3_SECRET = "fraud-detection-s3"
 REGISTRY_SECRET = "fraud-detection-registry"
+# online store: the Redis password, generated at setup time (setup.sh), never in the repository.
+ONLINE_STORE_SECRET = "fraud-online-store"
 CONFIG = "config"
 LOCAL = "local"
-SOURCES = (CONFIG, S3_SECRET, REGISTRY_SECRET, LOCAL)
+SOURCES = (CONFIG, S3_SECRET, REGISTRY_SECRET, ONLINE_STORE_SECRET, LOCAL)
 
 REGISTRY_BACKENDS = ("local", "kubeflow")
 
@@ -112,11 +115,25 @@ class Settings:
     image_tag: str = _setting("FRAUD_IMAGE_TAG", "0.1.0", LOCAL)
     spark_image: str = _setting("FRAUD_SPARK_IMAGE", "", LOCAL, parameter=True)
     predictor_image: str = _setting("FRAUD_PREDICTOR_IMAGE", "", LOCAL, parameter=True)
-    # Where each card's history state lives (the push path writes it, transaction scoring reads
-    # it): empty for a SQLite file in ``feast_dir`` (no server), or a Redis URL (redis://,
-    # rediss://, unix://) shared by every predictor replica. Not in the ConfigMap until the
-    # manifests deploy a Redis.
-    online_store_url: str = _setting("FRAUD_ONLINE_STORE_URL", "", LOCAL)
+    # online store: where the Feast online features and each card's history state live (the
+    # feature step and the push path write them, every predictor replica reads them): empty for
+    # SQLite files in ``feast_dir`` (the embedded default, no server), or a Redis URL (redis://,
+    # rediss://, unix://) without its password; in the cluster the Redis of
+    # manifests/online-store. The password comes from the Secret setup.sh generates.
+    online_store_url: str = _setting("FRAUD_ONLINE_STORE_URL", "", CONFIG)
+    online_store_password: str = _setting("FRAUD_ONLINE_STORE_PASSWORD", "", ONLINE_STORE_SECRET)
+
+    @property
+    def online_store_client_url(self) -> str:
+        """``online_store_url`` with ``online_store_password`` in it (if it names none itself)."""
+        from urllib.parse import quote, urlsplit, urlunsplit
+
+        url, password = self.online_store_url, self.online_store_password
+        parts = urlsplit(url)
+        if not url or not password or parts.password or parts.scheme == "unix":
+            return url
+        host = parts.netloc.rsplit("@", 1)[-1]
+        return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:{quote(password, safe='')}@{host}"))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":

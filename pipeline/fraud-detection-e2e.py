@@ -26,6 +26,7 @@ from pipeline.components import (  # noqa: E402
 from fraud_common.settings import (  # noqa: E402
     CONFIG,
     CONFIG_MAP,
+    ONLINE_STORE_SECRET,
     REGISTRY_SECRET,
     S3_SECRET,
     Settings,
@@ -93,6 +94,9 @@ def fraud_detection_pipeline(
     features = _wire_settings(
         feature_engineering(prepared=prepared.outputs["prepared"]).set_display_name("feature store (Feast)")
     )
+    # online store: the feature step writes the shared Redis; its password (optional: absent where
+    # the store is file-based) from the Secret setup.sh generates.
+    kubernetes.use_secret_as_env(features, ONLINE_STORE_SECRET, {key: key for key in env_names(ONLINE_STORE_SECRET)}, optional=True)
     training_set = _wire_settings(
         retrieve_features(
             prepared=prepared.outputs["prepared"], feature_store=features.outputs["feature_store"]

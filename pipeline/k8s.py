@@ -31,6 +31,7 @@ from kubernetes.client.exceptions import ApiException
 
 from fraud_common.logs import get_logger
 from fraud_common.settings import CONFIG_MAP, REGISTRY_SECRET, S3_SECRET, default_of  # noqa: F401 - re-exported
+from fraud_common.settings import ONLINE_STORE_SECRET
 from fraud_common.spark_s3 import s3a_conf
 
 _log = get_logger(__name__)
@@ -378,7 +379,14 @@ def inference_service(
         "imagePullPolicy": image_pull_policy,
         "ports": [{"containerPort": PREDICTOR_PORT, "protocol": "TCP"}],
         "envFrom": sources,
-        "env": _env_list(container_env),
+        # online store: the shared Redis's password, from the Secret setup.sh generates; optional,
+        # so a cluster with the file-based store (no such Secret) still starts the predictor.
+        "env": _env_list(container_env) + [{
+            "name": "FRAUD_ONLINE_STORE_PASSWORD",
+            "valueFrom": {"secretKeyRef": {
+                "name": ONLINE_STORE_SECRET, "key": "FRAUD_ONLINE_STORE_PASSWORD", "optional": True,
+            }},
+        }],
         "resources": dict(resources or {
             "requests": {"cpu": "500m", "memory": "1Gi"},
             "limits": {"cpu": "2", "memory": "2Gi"},

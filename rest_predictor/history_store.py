@@ -8,10 +8,11 @@ for the same card never lose an update:
   store, WAL mode; a push batch runs in one ``BEGIN IMMEDIATE`` transaction (read, fold, write),
   which holds SQLite's write lock from the read on, for threads and processes alike.
 * ``RedisHistoryStore`` (``FRAUD_ONLINE_STORE_URL=redis://...``, the cluster's shared store): one
-  string per card; a push batch WATCHes its cards, reads them with one MGET, folds them in
-  Python with the same ``history.add`` and writes them in one MULTI/EXEC, retried if another
-  writer touched any of them in between (optimistic locking: nothing is written from a stale
-  read). One Python definition of the update serves both stores; no Lua copy of it to keep equal.
+  string per card; a push batch is one Lua script call (``RECORD_SCRIPT``): Redis runs a script
+  alone, so the read, the fold and the write of every card of the batch are atomic, in one round
+  trip, with no retries (WATCH/MULTI needed two round trips and retried under contention). The
+  script's fold is ``history.add`` step for step in IEEE doubles, written with ``%.17g`` so every
+  value round-trips: the parity test holds it equal to Python's fold and to Spark's aggregates.
 
 Both stores are seeded from the prepared features (``seed_from_prepared``): the state behind each
 user's prepared history features, so a store that has seen no push scores like the batch data.
@@ -165,16 +166,63 @@ class SqliteHistoryStore:
             self._local.db = None
 
 
+# KEYS: the batch's cards; ARGV: (index into KEYS, amount, when_us) per transaction, in order.
+# The state string is history.encode's "count total mean m2 max first_us last_us".
+RECORD_SCRIPT = """
+local states = {}
+for i = 1, #KEYS do
+  local raw = redis.call('GET', KEYS[i])
+  if raw then
+    local s = {}
+    for part in string.gmatch(raw, '%S+') do s[#s + 1] = tonumber(part) end
+    if #s ~= 7 then return redis.error_reply('malformed history state at ' .. KEYS[i]) end
+    states[i] = s
+  end
+end
+for t = 1, #ARGV, 3 do
+  local i, amount, when = tonumber(ARGV[t]), tonumber(ARGV[t + 1]), tonumber(ARGV[t + 2])
+  local s = states[i]
+  if not s or s[1] == 0 then
+    states[i] = {1, amount, amount, 0.0, amount, when, when}
+  else
+    local n = s[1] + 1
+    local delta = amount - s[3]
+    local delta_n = delta / n
+    states[i] = {n, s[2] + amount, s[3] + delta_n, s[4] + delta * (delta - delta_n),
+                 math.max(s[5], amount), math.min(s[6], when), math.max(s[7], when)}
+  end
+end
+local written = 0
+for i = 1, #KEYS do
+  local s = states[i]
+  if s then
+    redis.call('SET', KEYS[i], string.format('%.0f %.17g %.17g %.17g %.17g %.0f %.0f', s[1], s[2], s[3], s[4], s[5], s[6], s[7]))
+    written = written + 1
+  end
+end
+return written
+"""
+
+
+def record_arguments(transactions: Sequence[Recorded]) -> tuple[list[bytes], list[str]]:
+    """The script's KEYS (each card once) and ARGV (index, amount, time per transaction)."""
+    index: dict[str, int] = {}
+    args: list[str] = []
+    for txn in transactions:
+        position = index.setdefault(txn.user_id, len(index) + 1)  # Lua counts from 1
+        args += [str(position), repr(float(txn.amount)), str(int(txn.when_us))]
+    return [RedisHistoryStore.key(u) for u in index], args
+
+
 class RedisHistoryStore:
     """States as ``fraud:history:<user_id>`` strings (``history.encode``) in one Redis database."""
 
-    def __init__(self, url: str, max_retries: int = 1000) -> None:
+    def __init__(self, url: str) -> None:
         import redis
 
         self.url = url
-        self.max_retries = max_retries
         self.client = redis.Redis.from_url(url)
-        self._watch_error = redis.WatchError
+        self._record = self.client.register_script(RECORD_SCRIPT)
 
     @staticmethod
     def key(user_id: str) -> bytes:
@@ -185,22 +233,10 @@ class RedisHistoryStore:
         return [history.decode(value) if value is not None else history.EMPTY for value in raw]
 
     def record(self, transactions: Sequence[Recorded]) -> None:
-        users = list(dict.fromkeys(t.user_id for t in transactions))
-        keys = [self.key(u) for u in users]
-        with self.client.pipeline(transaction=True) as pipe:
-            for _ in range(self.max_retries):
-                try:
-                    pipe.watch(*keys)
-                    raw = pipe.mget(keys)
-                    states = {u: history.decode(v) for u, v in zip(users, raw) if v is not None}
-                    updated = fold(states, transactions)
-                    pipe.multi()
-                    pipe.mset({self.key(u): history.encode(s) for u, s in updated.items()})
-                    pipe.execute()
-                    return
-                except self._watch_error:
-                    continue  # another writer changed one of these cards: read again
-        raise HistoryStoreError(f"gave up recording {len(transactions)} transactions after {self.max_retries} conflicts")
+        if not transactions:
+            return
+        keys, args = record_arguments(transactions)
+        self._record(keys=keys, args=args)
 
     def seed(self, states: dict[str, HistoryState], marker: str) -> None:
         stale = list(self.client.scan_iter(match=REDIS_PREFIX + "*", count=10_000))
@@ -221,37 +257,23 @@ class RedisHistoryStore:
 
 class AsyncRedisHistory:
     """The Redis store's read and record for the server's event loop (``redis.asyncio``): a
-    request waiting on Redis does not hold up the others. Same keys, same WATCH/MULTI fold."""
+    request waiting on Redis does not hold up the others. Same keys, same script."""
 
-    def __init__(self, url: str, max_retries: int = 1000) -> None:
-        import redis
+    def __init__(self, url: str) -> None:
         import redis.asyncio
 
         self.client = redis.asyncio.Redis.from_url(url)
-        self.max_retries = max_retries
-        self._watch_error = redis.WatchError
+        self._record = self.client.register_script(RECORD_SCRIPT)
 
     async def read(self, user_ids: Sequence[str]) -> list[HistoryState]:
         raw = await self.client.mget([RedisHistoryStore.key(u) for u in user_ids])
         return [history.decode(value) if value is not None else history.EMPTY for value in raw]
 
     async def record(self, transactions: Sequence[Recorded]) -> None:
-        users = list(dict.fromkeys(t.user_id for t in transactions))
-        keys = [RedisHistoryStore.key(u) for u in users]
-        async with self.client.pipeline(transaction=True) as pipe:
-            for _ in range(self.max_retries):
-                try:
-                    await pipe.watch(*keys)
-                    raw = await pipe.mget(keys)
-                    states = {u: history.decode(v) for u, v in zip(users, raw) if v is not None}
-                    updated = fold(states, transactions)
-                    pipe.multi()
-                    pipe.mset({RedisHistoryStore.key(u): history.encode(s) for u, s in updated.items()})
-                    await pipe.execute()
-                    return
-                except self._watch_error:
-                    continue
-        raise HistoryStoreError(f"gave up recording {len(transactions)} transactions after {self.max_retries} conflicts")
+        if not transactions:
+            return
+        keys, args = record_arguments(transactions)
+        await self._record(keys=keys, args=args)
 
 
 def _values(state: HistoryState) -> tuple:
@@ -265,7 +287,7 @@ def open_history_store(settings: Settings) -> HistoryStore:
         if not url:
             return SqliteHistoryStore(Path(settings.feast_dir) / SQLITE_FILE)
         if url.split("://", 1)[0] in ("redis", "rediss", "unix"):
-            store = RedisHistoryStore(url)
+            store = RedisHistoryStore(settings.online_store_client_url)
             store.client.ping()
             return store
     except Exception as err:  # sqlite3 and redis raise their own types for an unusable store

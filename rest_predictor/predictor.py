@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import logging
 import threading
 import time
@@ -193,7 +194,8 @@ class FraudPredictor(kserve.Model):
     def preprocess(self, payload: dict | bytes | InferRequest, headers: dict[str, str] | None = None) -> Scoring:
         """Parse the v1 body or v2 ``InferRequest`` and read the users' features (one online read).
 
-        Synchronous on purpose: kserve then calls it on the event loop, with no thread hop.
+        Synchronous on purpose: for a single request kserve calls it on the event loop, with no
+        thread hop; ``__call__`` runs it on a worker thread for a batch.
         Raises ``InvalidInput`` (400), ``BatchTooLarge`` (413) or ``UnknownUser`` (404).
         """
         features = self.features
@@ -231,18 +233,35 @@ class FraudPredictor(kserve.Model):
         return None
 
     async def __call__(self, body: Any, headers: dict[str, str] | None = None, verb: Any = None) -> Any:
-        """kserve's call, except that a transaction request over a Redis store awaits its history
-        read (``redis.asyncio``) instead of blocking the event loop during the round trip; the
-        rest of it (parse, features, ONNX, answer) is the same code as ``preprocess``/``predict``."""
+        """kserve's call, except for two kinds of request that would block the event loop:
+
+        * a batch (``user_ids``, ``transactions``, a v2 input of more than one row) is read and
+          scored on a worker thread (``asyncio.to_thread``): its one store read and one ONNX run
+          take milliseconds, during which the loop keeps answering single requests;
+        * a single transaction over a Redis store awaits its history read (``redis.asyncio``).
+
+        A single stored-user request stays on kserve's path, on the loop, with no thread hop.
+        Either way the work is ``preprocess``/``predict``, the same code."""
         from kserve.model import InferenceVerb
 
         verb = InferenceVerb.PREDICT if verb is None else verb
-        if self.async_history is None or verb != InferenceVerb.PREDICT:
+        if verb != InferenceVerb.PREDICT:
             return await super().__call__(body, headers, verb)
         payload = _decode_json(body) if isinstance(body, (bytes, str)) else body
+        if isinstance(payload, InferRequest):
+            batch = any(len(i.shape) and int(np.prod(i.shape)) > 1 for i in payload.inputs or [])
+        else:
+            batch = isinstance(payload, dict) and ("user_ids" in payload or "transactions" in payload)
+        if batch:
+            scoring = await asyncio.to_thread(self.preprocess, payload, headers)
+            if inspect.iscoroutinefunction(self.predict):
+                return await self.predict(scoring, headers), {}
+            return await asyncio.to_thread(self.predict, scoring, headers), {}
+        if self.async_history is None:
+            return await super().__call__(payload, headers, verb)
         txns = self.parse_transactions(payload)
         if txns is None:
-            return await super().__call__(body, headers, verb)
+            return await super().__call__(payload, headers, verb)
         states = await self.async_history.read(txns.user_ids)
         return self.predict(self.score_transactions(txns, states, _v2(payload)), headers), {}
 

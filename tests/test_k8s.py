@@ -214,7 +214,7 @@ def _isvc_body(version: str = "1") -> dict[str, Any]:
 
 def _env(body: dict[str, Any]) -> dict[str, str]:
     container = body["spec"]["predictor"]["containers"][0]
-    return {item["name"]: item["value"] for item in container["env"]}
+    return {item["name"]: item["value"] for item in container["env"] if "value" in item}  # not the Secret references
 
 
 # ---------------------------------------------------------------- bodies

