@@ -117,6 +117,16 @@ class Settings:
     # rediss://, unix://) shared by every predictor replica. Not in the ConfigMap until the
     # manifests deploy a Redis.
     online_store_url: str = _setting("FRAUD_ONLINE_STORE_URL", "", LOCAL)
+    # governance / canary
+    # Canary steps: the challenger's share of traffic, percent, step by step (must end at 100).
+    canary_steps: str = _setting("FRAUD_CANARY_STEPS", "10,50,100", LOCAL)
+    # Seconds each canary step lasts at least (it also waits for enough challenger requests).
+    canary_step_seconds: float = _setting("FRAUD_CANARY_STEP_SECONDS", 5.0, LOCAL)
+    # Fault injection, for rollback drills only: the predictor makes FRAUD_FAULT_VERSION answer
+    # this share of its requests with a 500 and sleep this long per request. Empty: no faults.
+    fault_version: str = _setting("FRAUD_FAULT_VERSION", "", LOCAL)
+    fault_error_rate: float = _setting("FRAUD_FAULT_ERROR_RATE", 0.0, LOCAL)
+    fault_delay_ms: float = _setting("FRAUD_FAULT_DELAY_MS", 0.0, LOCAL)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":

@@ -189,12 +189,20 @@ def register_model(
     min_roc_auc: float,
     run_id: str,
     model: Input[Model],
+    feature_store: Input[Artifact],
+    training_set: Input[Dataset],
     registered_model: Output[Artifact],
 ):
-    """Check the quality gate, upload the ONNX file and record the version in the registry."""
-    import json
+    """Check the quality gate, upload the ONNX file and record the version in the registry.
 
-    from fraud_common.artifacts import pipeline_step
+    The run's feature store snapshot is stored with the version and recorded on it with the
+    training data (fingerprint, time range, URI): promotion later serves exactly that store.
+    """
+    import json
+    from pathlib import Path
+
+    from fraud_common.artifacts import pipeline_step, storage_uri
+    from fraud_common.registry.serving import snapshot_of
     from train.register import code_version, publish_model
 
     with pipeline_step(registered_model, model_name=model_name, min_roc_auc=min_roc_auc) as settings:
@@ -207,6 +215,8 @@ def register_model(
             data_fingerprint=str(model.metadata["data_fingerprint"]),
             run_id=run_id,
             code_version=code_version(settings),
+            feature_store_dir=Path(feature_store.path),
+            training_data={**dict(training_set.metadata), "uri": storage_uri(training_set.uri)},
         )
         record = {
             "model_name": version.model_name,
@@ -216,6 +226,7 @@ def register_model(
             "registry_uri": settings.registry_uri,
             "registered_model_id": version.registered_model_id,
             "model_version_id": version.version_id,
+            "feast_snapshot_uri": snapshot_of(version),
         }
         # The artifact is the registered version's record: which registry holds which version.
         with open(registered_model.path, "w") as handle:
@@ -245,6 +256,7 @@ def evaluate_against_champion(
     from fraud_common import storage
     from fraud_common.artifacts import pipeline_step
     from fraud_common.registry import CHAMPION, open_registry
+    from fraud_common.registry.serving import snapshot_of
     from train.data import load_dataset, split_arrays
     from train.governance import GatePolicy, decide, evaluate_against_champion, raise_if_refused
 
@@ -271,6 +283,8 @@ def evaluate_against_champion(
             "artifact_uri": champion.artifact_uri,
             "registered_model_id": champion.registered_model_id,
             "model_version_id": champion.version_id,
+            # The store the champion was registered with: what serve deploys beside it.
+            "feast_snapshot_uri": snapshot_of(champion),
         }
         with open(decision.path, "w") as handle:
             json.dump(record, handle, indent=2)
@@ -297,7 +311,10 @@ def serve(
 
     name = registered_model.metadata["model_name"]
     version = registered_model.metadata["model_version"]
-    snapshot = storage_uri(feature_store.uri)
+    # The served version's own store (recorded at registration); this run's only for a version
+    # from before such records. A run whose challenger was not promoted deploys the champion
+    # with the champion's store, never this run's.
+    snapshot = registered_model.metadata.get("feast_snapshot_uri") or storage_uri(feature_store.uri)
     with tempfile.TemporaryDirectory(prefix="feast-check-") as feast_dir, pipeline_step(endpoint) as settings:
         if platform == "local":
             from rest_predictor.predictor import check_loadable

@@ -108,6 +108,8 @@ def fraud_detection_pipeline(
             min_roc_auc=min_roc_auc,
             run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
             model=trained.outputs["model"],
+            feature_store=features.outputs["feature_store"],
+            training_set=training_set.outputs["training_set"],
         ).set_display_name("gate and register"),
         needs_registry=True,
     )
