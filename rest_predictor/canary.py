@@ -60,6 +60,7 @@ log = get_logger(__name__)
 CANARY_PATH = "/v1/canary"
 BENCHMARK_PATH = "/v1/canary/benchmark"
 RELOAD_PATH = "/v1/reload"
+DECISION_PATH = "/v1/canary/decisions"
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 # Figures kept per step (a step is judged on its latest rows; memory stays bounded).
 WINDOW = 20_000
@@ -77,7 +78,8 @@ SERVED = Gauge("fraud_model_served", "1 for each hosted version, labelled by its
 GATE_PASSED = Gauge("fraud_model_gate_passed", "Gate results recorded on a hosted version (1 passed).",
                     ["model_version", "gate"])
 GATE_VALUE = Gauge("fraud_model_gate_value", "The challenger's figure each gate compared.", ["model_version", "gate"])
-DECISIONS = Counter("fraud_canary_decisions", "Canary decisions: step_passed, step_failed, promoted, rolled_back.",
+DECISION_KINDS = ("gate_passed", "gate_refused", "step_passed", "step_failed", "promoted", "rolled_back")
+DECISIONS = Counter("fraud_canary_decisions", "Canary decisions: " + ", ".join(DECISION_KINDS) + ".",
                     ["model_version", "decision"])
 
 
@@ -114,13 +116,17 @@ def export_gates(record: ModelVersion) -> None:
         GATE_VALUE.labels(record.version, gate).set(float(result.get("value", float("nan"))))
 
 
-def ks_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Two-sample Kolmogorov-Smirnov distance (NaN if either sample is empty)."""
-    a, b = np.sort(np.ravel(a)), np.sort(np.ravel(b))
+def score_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Wasserstein-1 distance between two score samples, in probability units (NaN if one is empty).
+
+    The mean gap between their quantile functions: robust where most scores sit near 0 (a small
+    shift of that bulk moves a Kolmogorov-Smirnov distance a lot, this one barely).
+    """
+    a, b = np.ravel(a).astype(np.float64), np.ravel(b).astype(np.float64)
     if not a.size or not b.size:
         return float("nan")
-    grid = np.concatenate([a, b])
-    return float(np.max(np.abs(np.searchsorted(a, grid, "right") / a.size - np.searchsorted(b, grid, "right") / b.size)))
+    levels = (np.arange(1000) + 0.5) / 1000
+    return float(np.mean(np.abs(np.quantile(a, levels) - np.quantile(b, levels))))
 
 
 def bucket(key: str) -> int:
@@ -265,25 +271,28 @@ class TrafficSplit:
             champion_scores = np.concatenate([p[1] for p in self._pairs])
             challenger_flags = challenger_scores >= self.challenger.model.threshold
             champion_flags = champion_scores >= self.champion.model.threshold
-            flip, ks, rows = float(np.mean(challenger_flags != champion_flags)), ks_distance(challenger_scores, champion_scores), challenger_scores.size
+            flip, ks, rows = float(np.mean(challenger_flags != champion_flags)), score_distance(challenger_scores, champion_scores), challenger_scores.size
         else:
             flip, ks, rows = None, float("nan"), 0
         return StepStats(
             percent=self.percent, seconds=time.monotonic() - self._started,
             champion=self._windows[self.champion.version].stats(),
             challenger=self._windows[self.challenger.version].stats(),
-            score_ks=ks, flip_rate=flip, paired_rows=rows,
+            score_distance=ks, flip_rate=flip, paired_rows=rows,
         )
 
     def status(self) -> dict[str, Any]:
         from dataclasses import asdict
 
         stats = self.step_stats()
+        step = asdict(stats) if stats is not None else None
+        if step is not None and step["score_distance"] != step["score_distance"]:
+            step["score_distance"] = None  # NaN (no scores yet) is not JSON
         return {
             "champion": self.champion.version,
             "challenger": self.challenger.version if self.challenger is not None else "",
             "percent": self.percent,
-            "step": asdict(stats) if stats is not None else None,
+            "step": step,
         }
 
 
@@ -443,4 +452,176 @@ def add_canary_routes(app: Any, control: Callable[[], CanaryControl | None]) -> 
     app.add_api_route(CANARY_PATH, put_canary, methods=["PUT"], summary="Host a challenger at a share of traffic")
     app.add_api_route(CANARY_PATH, delete_canary, methods=["DELETE"], summary="Every request back to the champion")
     app.add_api_route(BENCHMARK_PATH, post_benchmark, methods=["POST"], summary="Latency of champion and challenger")
+    async def post_decision(request: Request) -> JSONResponse:
+        _loopback_only(request)
+        body = await _body(request)
+        decision, version = str(body.get("decision", "")), str(body.get("version", ""))
+        if decision not in DECISION_KINDS or not version:
+            raise InvalidInput(f"decision must be one of {', '.join(DECISION_KINDS)}, with a version")
+        DECISIONS.labels(version, decision).inc()
+        return JSONResponse({"recorded": decision})
+
     app.add_api_route(RELOAD_PATH, post_reload, methods=["POST"], summary="Serve the registry's champion now")
+    app.add_api_route(DECISION_PATH, post_decision, methods=["POST"], summary="Count a canary decision")
+
+
+# --- The driver: runs beside the predictor (the CLI's ``canary`` command, the scenario test) ---
+
+PREDICT_PATH = "/v1/models/onnx-model:predict"
+
+
+def call(base_url: str, method: str, path: str, body: dict[str, Any] | None = None, timeout: float = 60.0) -> dict[str, Any]:
+    """One JSON request to the predictor; a non-2xx answer raises ``RegistryError`` with its message."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(base_url.rstrip("/") + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as err:
+        detail = err.read().decode("utf-8", "replace")[:300]
+        raise RegistryError(f"predictor answered {err.code} to {method} {path}: {detail}") from None
+    except OSError as err:
+        raise RegistryError(f"no predictor at {base_url} ({err}); start it with `fraud-detection serve`") from None
+
+
+def stats_from(status: dict[str, Any]) -> StepStats:
+    """``GET /v1/canary``'s step figures as ``StepStats``."""
+    step = status["step"]
+    return StepStats(
+        percent=int(step["percent"]), seconds=float(step["seconds"]),
+        champion=VersionStats(**step["champion"]), challenger=VersionStats(**step["challenger"]),
+        score_distance=float("nan") if step["score_distance"] is None else float(step["score_distance"]), flip_rate=step.get("flip_rate"), paired_rows=int(step.get("paired_rows", 0)),
+    )
+
+
+@dataclass
+class CanaryOutcome:
+    """What ``run_canary`` did: ``promoted`` or ``rolled_back`` (or ``refused`` at the latency gate)."""
+
+    outcome: str
+    version: str
+    champion: str
+    reason: str
+    steps: list[dict[str, Any]]
+    latency: dict[str, float] | None
+    seconds: float
+
+
+def run_canary(
+    base_url: str,
+    registry: ModelRegistry,
+    model_name: str,
+    version: str,
+    policy: "Any",
+    actor: str,
+    benchmark_users: list[str] | None = None,
+    benchmark_requests: int = 500,
+    latency_factor: float = 1.5,
+    sleep: Callable[[float], None] = time.sleep,
+) -> CanaryOutcome:
+    """Latency gate in the live predictor, then the canary steps; promote, or roll back automatically.
+
+    ``policy`` is a ``fraud_common.registry.rollout.CanaryPolicy``. Every figure and decision is
+    recorded on the version and counted in the predictor's metrics.
+    """
+    from fraud_common.registry import rollout
+
+    started = time.monotonic()
+    rollout.start(registry, model_name, version, policy, actor)
+    champion = registry.get_version(model_name, alias=CHAMPION).version
+    latency = None
+
+    def decide(decision: str) -> None:
+        call(base_url, "POST", DECISION_PATH, {"version": version, "decision": decision})
+
+    def roll_back(reason: str, steps: list[dict[str, Any]]) -> CanaryOutcome:
+        call(base_url, "DELETE", CANARY_PATH)  # first: every request back to the champion
+        rollout.finish_rolled_back(registry, model_name, version, actor, reason)
+        decide("rolled_back")
+        log.warning("canary of %s rolled back: %s", version, reason)
+        return CanaryOutcome("rolled_back", version, champion, reason, steps, latency, time.monotonic() - started)
+
+    if benchmark_users:
+        latency = call(base_url, "POST", BENCHMARK_PATH,
+                       {"version": version, "requests": benchmark_requests, "user_ids": benchmark_users})
+        result = rollout.latency_result(latency["challenger_p99_ms"], latency["champion_p99_ms"], latency_factor,
+                                        benchmark_requests)
+        rollout.record_gate(registry, model_name, version, result)
+        decide("gate_passed" if result["passed"] else "gate_refused")
+        if not result["passed"]:
+            rollout.finish_rolled_back(registry, model_name, version, actor, f"refused at the gate: {result['detail']}")
+            return CanaryOutcome("refused", version, champion, result["detail"], [], latency, time.monotonic() - started)
+    steps: list[dict[str, Any]] = []
+    for percent in policy.steps:
+        call(base_url, "PUT", CANARY_PATH, {"version": version, "percent": percent})
+        step_started = time.monotonic()
+        while True:
+            stats = stats_from(call(base_url, "GET", CANARY_PATH))
+            waited = time.monotonic() - step_started
+            enough = stats.challenger.requests >= policy.min_requests and waited >= policy.step_seconds
+            if enough or waited >= policy.step_timeout_seconds:
+                break
+            # Fail fast: errors already beyond the bound cannot be undone by more traffic.
+            if stats.challenger.requests >= policy.min_requests and not rollout.check_step(stats, policy).passed:
+                break
+            sleep(0.25)
+        result = rollout.check_step(stats, policy)
+        rollout.record_step(registry, model_name, version, result)
+        steps.append(result.to_record())
+        decide("step_passed" if result.passed else "step_failed")
+        log.info("canary of %s at %d %%: %s", version, percent, "passed" if result.passed else result.reason)
+        if not result.passed:
+            return roll_back(f"step {percent} %: {result.reason}", steps)
+    rollout.finish_promoted(registry, model_name, version, actor)
+    call(base_url, "POST", RELOAD_PATH)  # the predictor now serves the new champion with its own store
+    decide("promoted")
+    return CanaryOutcome("promoted", version, version, "every step passed", steps, latency, time.monotonic() - started)
+
+
+class Replay:
+    """Background traffic for a canary without real clients: stored users, scored in a loop."""
+
+    def __init__(self, base_url: str, user_ids: list[str], concurrency: int = 2) -> None:
+        import threading
+
+        self.base_url, self.user_ids = base_url.rstrip("/"), list(user_ids)
+        self._stop = threading.Event()
+        self.sent = 0
+        self.failed = 0
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(concurrency)]
+
+    def _run(self, seed: int) -> None:
+        import http.client
+        import json
+        from urllib.parse import urlsplit
+
+        where = urlsplit(self.base_url)
+        rng = random.Random(seed)
+        connection = http.client.HTTPConnection(where.hostname, where.port, timeout=30)
+        while not self._stop.is_set():
+            body = json.dumps({"user_id": rng.choice(self.user_ids)})
+            try:
+                connection.request("POST", PREDICT_PATH, body, {"Content-Type": "application/json"})
+                response = connection.getresponse()
+                response.read()
+                self.sent += 1
+                self.failed += response.status >= 500
+            except OSError:
+                connection.close()
+                connection = http.client.HTTPConnection(where.hostname, where.port, timeout=30)
+                time.sleep(0.1)
+
+    def __enter__(self) -> "Replay":
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=30)

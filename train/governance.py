@@ -31,7 +31,7 @@ import numpy as np
 from sklearn.metrics import average_precision_score, brier_score_loss, precision_recall_curve, roc_auc_score
 
 from fraud_common.logs import get_logger
-from fraud_common.registry import lifecycle
+from fraud_common.registry import lifecycle, rollout
 from fraud_common.registry.base import CHALLENGER, CHAMPION, ModelRegistry, ModelVersion
 from fraud_common.settings import Settings
 from train.gate import QualityGateError
@@ -152,11 +152,12 @@ def disagreement_gate(rate: float, policy: GatePolicy, rows: int, source: str = 
 
 
 def latency_gate(challenger_p99_ms: float, champion_p99_ms: float, policy: GatePolicy) -> GateResult:
-    """The challenger's p99 (same load, same predictor) within ``max_latency_factor`` of the champion's."""
-    if not (champion_p99_ms > 0 and challenger_p99_ms >= 0):
-        raise ValueError(f"latency p99s must be positive, got {challenger_p99_ms} and {champion_p99_ms}")
-    return _check("latency_p99", challenger_p99_ms, champion_p99_ms * policy.max_latency_factor, False,
-                  champion_p99_ms, f"p99 latency ms (factor {policy.max_latency_factor})")
+    """The challenger's p99 (same load, same predictor) within ``max_latency_factor`` of the champion's.
+
+    One definition with the canary's latency gate (``fraud_common.registry.rollout.latency_result``),
+    which the predictor's measurement feeds.
+    """
+    return GateResult(**rollout.latency_result(challenger_p99_ms, champion_p99_ms, policy.max_latency_factor))
 
 
 def rows_fingerprint(features: np.ndarray, labels: np.ndarray) -> str:
