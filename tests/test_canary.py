@@ -36,7 +36,7 @@ from conftest import REPO_ROOT, free_port
 from fraud_common import schemas
 from fraud_common.feature_store import publish_snapshot
 from fraud_common.registry import lifecycle, open_registry
-from fraud_common.registry.rollout import CanaryPolicy, StepStats, VersionStats, check_step, parse_steps
+from fraud_common.registry.rollout import CanaryPolicy, StepStats, VersionStats, check_step, parse_steps, wilson_lower
 from fraud_common.registry.serving import serving_record, snapshot_of, store_snapshot, version_store_uri
 from fraud_common.settings import Settings
 from helpers import build_feast_store, label_features, write_prepared
@@ -69,12 +69,14 @@ def test_step_checks_fail_on_errors_latency_scores_and_missing_traffic() -> None
     base = StepStats(percent=10, seconds=2.0, champion=fine, challenger=fine, score_distance=0.01, flip_rate=0.01, paired_rows=100)
     assert check_step(base, CANARY).passed
     cases = {
-        "error_rate": {"challenger": VersionStats(100, 5, 1.0)},
+        "error_rate": {"challenger": VersionStats(100, 8, 1.0)},  # 5/100 could be noise around 1 %
         "latency_p99": {"challenger": VersionStats(100, 0, 1.0 * 1.5 + 5.01)},
         "score_distance": {"score_distance": 0.051},
-        "flip_rate": {"flip_rate": 0.06},
+        "flip_rate": {"flip_rate": 0.12},
         "traffic": {"challenger": VersionStats(29, 0, 1.0)},
     }
+    assert check_step(StepStats(**{**base.__dict__, "flip_rate": 0.06}), CANARY).passed  # 6/100: not evidence
+    assert abs(wilson_lower(8, 44) - 0.0951) < 1e-3
     for name, change in cases.items():
         result = check_step(StepStats(**{**base.__dict__, **change}), CANARY)
         assert [c.name for c in result.checks if not c.passed] == [name], name

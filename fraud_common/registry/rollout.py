@@ -5,6 +5,8 @@ A canary sends a growing share of traffic to the challenger (``CanaryPolicy.step
 applies three checks on the same traffic:
 
 * errors: the challenger's error rate at most the champion's plus ``max_error_rate_increase``;
+  shares (errors, flips) are judged on the lower end of their 95 % Wilson interval, so a step
+  fails on evidence rather than on the noise of a few dozen requests;
 * latency: the challenger's p99 at most ``max_latency_factor`` × the champion's p99 plus
   ``latency_slack_ms`` (sub-millisecond p99s jitter by more than any factor);
 * scores: the challenger's score distribution against the champion's on the same requests
@@ -128,6 +130,27 @@ def _at_most(name: str, value: float, bound: float, what: str) -> Check:
     return Check(name, ok, float(value), float(bound), f"{what} {value:.4f} {'meets' if ok else 'fails'} <= {bound:.4f}")
 
 
+def wilson_lower(successes: int, trials: int, z: float = 1.96) -> float:
+    """Lower end of the Wilson score interval (95 % by default) of a proportion; 0 without trials."""
+    if trials <= 0:
+        return 0.0
+    p = successes / trials
+    centre = p + z * z / (2 * trials)
+    spread = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials))
+    return max(0.0, (centre - spread) / (1 + z * z / trials))
+
+
+def _share_at_most(name: str, hits: int, trials: int, bound: float, what: str) -> Check:
+    """A share judged on the lower end of its 95 % interval: a step fails on evidence, not on noise.
+
+    A few dozen requests cannot tell 4 % from 6 %; they can tell 0 % from 18 %.
+    """
+    share, lower = hits / trials, wilson_lower(hits, trials)
+    ok = lower <= bound
+    return Check(name, ok, share, float(bound),
+                 f"{what} {share:.4f} (95 % lower bound {lower:.4f}) {'meets' if ok else 'fails'} <= {bound:.4f}")
+
+
 def check_step(stats: StepStats, policy: CanaryPolicy) -> StepResult:
     """Every check of one step (see the module docstring)."""
     result = StepResult(stats.percent, stats)
@@ -136,9 +159,9 @@ def check_step(stats: StepStats, policy: CanaryPolicy) -> StepResult:
         result.checks.append(Check("traffic", False, challenger.requests, policy.min_requests,
                                    f"only {challenger.requests} challenger requests (need {policy.min_requests})"))
         return result
-    result.checks.append(_at_most("error_rate", challenger.error_rate,
-                                  champion.error_rate + policy.max_error_rate_increase,
-                                  f"challenger error rate ({challenger.errors}/{challenger.requests})"))
+    result.checks.append(_share_at_most("error_rate", challenger.errors, challenger.requests,
+                                        champion.error_rate + policy.max_error_rate_increase,
+                                        f"challenger error rate ({challenger.errors}/{challenger.requests})"))
     if champion.requests:
         bound = champion.p99_ms * policy.max_latency_factor + policy.latency_slack_ms
         result.checks.append(_at_most("latency_p99", challenger.p99_ms, bound,
@@ -147,8 +170,9 @@ def check_step(stats: StepStats, policy: CanaryPolicy) -> StepResult:
         result.checks.append(_at_most("score_distance", stats.score_distance, policy.max_score_distance,
                                       "score distribution distance (Wasserstein-1) vs champion"))
     if stats.flip_rate is not None and stats.paired_rows:
-        result.checks.append(_at_most("flip_rate", stats.flip_rate, policy.max_flip_rate,
-                                      f"flipped decisions on {stats.paired_rows} shadow-scored rows"))
+        flips = round(stats.flip_rate * stats.paired_rows)
+        result.checks.append(_share_at_most("flip_rate", flips, stats.paired_rows, policy.max_flip_rate,
+                                            f"flipped decisions on {stats.paired_rows} shadow-scored rows"))
     return result
 
 
