@@ -228,6 +228,13 @@ def predictor(settings: Settings, log_path: Path) -> Iterator[str]:
             proc.kill()
 
 
+def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess:
+    """``fraud-detection ARGS`` in a subprocess with these settings."""
+    env = {**os.environ, **settings.to_env()}
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=env, cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
 def metric_value(url: str, name: str, **labels: str) -> float:
     want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
     for line in requests.get(f"{url}/metrics", timeout=10).text.splitlines():
@@ -293,9 +300,17 @@ def test_scenario_v1_v2_canary_v3_refused_v4_rolled_back(
         lab.run("v4", weights * 1.01, bias, data=frame)
         fourth = lab.gates("v4", promote_now=False)
         assert fourth.outcome == "challenger", fourth.reason
-        outcome = lab.canary("v4")
-        assert outcome.outcome == "rolled_back" and "error rate" in outcome.reason
-        assert [s["percent"] for s in outcome.steps] == [10]
+        if backend == "local":  # through the command line, as a user runs it
+            done = cli(settings, "canary", "v4", "--replay", "--users", str(USERS), "--step-seconds", "1",
+                       "--url", url)
+            assert done.returncode == 1 and "rolled_back" in done.stdout and "champion v2" in done.stdout, done.stdout
+            steps = lab.registry.get_version(name, "v4").metadata["canary"]["steps"]
+            assert "error rate" in lab.registry.get_version(name, "v4").metadata["canary"]["reason"]
+        else:
+            outcome = lab.canary("v4")
+            assert outcome.outcome == "rolled_back" and "error rate" in outcome.reason
+            steps = outcome.steps
+        assert [s["percent"] for s in steps] == [10]
         assert lab.answers() == v2_answers  # every request back on the champion, as before
         v4 = lab.registry.get_version(name, "v4")
         assert v4.alias == "" and v4.metadata["canary"]["status"] == "rolled_back" and v4.metadata["rolled_back"]
@@ -310,6 +325,10 @@ def test_scenario_v1_v2_canary_v3_refused_v4_rolled_back(
         assert metric_value(url, "fraud_model_gate_passed", model_version="v2", gate="roc_auc") == 1
 
     if backend == "local":
+        listing = cli(settings, "models").stdout
+        status = {line.split()[0]: line for line in listing.splitlines()[1:]}
+        assert "champion" in status["v2"] and "refused" in status["v3"] and "rolled back" in status["v4"], listing
+        assert "archived" in status["v1"], listing
         # A predictor started afresh serves the same answers: v2's own store, not the feature step's.
         with predictor(settings, tmp_path / "predictor-2.log") as url:
             lab.url = url
