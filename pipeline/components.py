@@ -258,14 +258,19 @@ def evaluate_against_champion(
     from fraud_common.registry import CHAMPION, open_registry
     from fraud_common.registry.serving import snapshot_of
     from train.data import load_dataset, split_arrays
-    from train.governance import GatePolicy, decide, evaluate_against_champion, raise_if_refused
+    from train.governance import GatePolicy, decide, evaluate_against_champion, raise_if_refused, served_rows
 
     with pipeline_step(decision, model_name=model_name, min_roc_auc=min_roc_auc) as settings:
         test = split_arrays(load_dataset(Path(training_set.path)))["test"]
         registry = open_registry(settings)
+        # Recent served traffic for the shadow gate, when the predictor logs its requests (the
+        # prediction log's setting; absent: the test rows).
+        from fraud_common import schemas
+
+        served = served_rows(getattr(settings, "prediction_log_uri", ""), settings, list(schemas.MODEL_FEATURES))
         report = evaluate_against_champion(
             registry, model_name, registered_model.metadata["model_version"], test.features, test.labels,
-            lambda uri: storage.read_bytes(uri, settings), GatePolicy.from_settings(settings),
+            lambda uri: storage.read_bytes(uri, settings), GatePolicy.from_settings(settings), served=served,
         )
         outcome = decide(
             registry, model_name, report,
