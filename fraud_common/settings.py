@@ -118,8 +118,9 @@ class Settings:
     # manifests deploy a Redis.
     online_store_url: str = _setting("FRAUD_ONLINE_STORE_URL", "", LOCAL)
     # governance / canary
-    # Canary steps: the challenger's share of traffic, percent, step by step (must end at 100).
-    canary_steps: str = _setting("FRAUD_CANARY_STEPS", "10,50,100", LOCAL)
+    # Canary steps: the challenger's share of traffic, percent, step by step (must end at 100);
+    # empty: a version that passes the gates is promoted at once (no canary).
+    canary_steps: str = _setting("FRAUD_CANARY_STEPS", "10,50,100", LOCAL, parameter=True)
     # Seconds each canary step lasts at least (it also waits for enough challenger requests).
     canary_step_seconds: float = _setting("FRAUD_CANARY_STEP_SECONDS", 5.0, LOCAL)
     # Fault injection, for rollback drills only: the predictor makes FRAUD_FAULT_VERSION answer

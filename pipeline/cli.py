@@ -247,7 +247,7 @@ def curl_line(settings: Settings, user: str) -> str:
 
 STEP_ORDER = (
     "prepare-data", "feature-engineering", "retrieve-features", "train-model", "register-model",
-    "evaluate-against-champion", "serve",
+    "evaluate-against-champion", "canary", "serve",
 )
 
 
@@ -284,6 +284,11 @@ def step_figure(step: str, outputs: dict[str, Any]) -> str:
     if step == "evaluate-against-champion":
         decision = meta["decision"]
         return f"champion: {decision.get('model_name')} version {decision.get('model_version')}"
+    if step == "canary":
+        rollout = meta["rollout"]
+        if rollout.get("canary_service") or rollout.get("outcome") == "rolled_back":
+            return f"{rollout.get('outcome')}: {rollout.get('challenger')}"
+        return "no canary (promoted at the gate)" if rollout.get("outcome") == "promoted" else str(rollout.get("outcome", ""))
     if step == "serve":
         return "the champion loads"
     return ""

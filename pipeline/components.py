@@ -240,6 +240,8 @@ def evaluate_against_champion(
     min_roc_auc: float,
     require_approval: bool,
     approval_timeout_seconds: int,
+    platform: str,
+    canary_steps: str,
     training_set: Input[Dataset],
     registered_model: Input[Artifact],
     decision: Output[Artifact],
@@ -248,7 +250,10 @@ def evaluate_against_champion(
     """Gate the registered version against the champion on the run's test split; promote or refuse.
 
     ``decision`` names the champion after the decision (what ``serve`` deploys); a refusal fails
-    the step after recording the gates on the version, so nothing downstream changes.
+    the step after recording the gates on the version, so nothing downstream changes. On a
+    cluster with ``canary_steps`` a passing version stays challenger: the ``canary`` step rolls
+    it out. The embedded run has no live traffic to canary on: it promotes at the gate (a running
+    local predictor takes ``fraud-detection canary VERSION``).
     """
     import json
     from pathlib import Path
@@ -273,7 +278,7 @@ def evaluate_against_champion(
             lambda uri: storage.read_bytes(uri, settings), GatePolicy.from_settings(settings), served=served,
         )
         outcome = decide(
-            registry, model_name, report,
+            registry, model_name, report, promote_now=not (platform == "kubernetes" and canary_steps.strip()),
             require_approval=require_approval, approval_timeout_seconds=approval_timeout_seconds,
         )
         for name, value in report.kfp_metrics().items():
@@ -295,6 +300,70 @@ def evaluate_against_champion(
             json.dump(record, handle, indent=2)
         decision.metadata.update(record)
     raise_if_refused(outcome)
+
+
+@dsl.component(base_image=image("pipeline"), **_COMMON)
+def canary(
+    platform: str,
+    namespace: str,
+    service_name: str,
+    predictor_image: str,
+    serve_timeout_seconds: int,
+    canary_steps: str,
+    decision: Input[Artifact],
+    rollout: Output[Artifact],
+    steps: Output[Metrics],
+):
+    """Roll a challenger out through an InferenceGraph Splitter (10 → 50 → 100 %), checks at each step.
+
+    Only on a cluster and only for a version the gates left as challenger; otherwise the
+    decision passes through. The challenger gets its own InferenceService; the router graph
+    ``<service>-router`` weighs it against the champion's; every step's figures go onto the
+    version (``canary``) and into ``steps``. A failed check puts 100 % back on the champion,
+    marks the version rolled back and fails the step, so ``serve`` changes nothing.
+    """
+    import json
+
+    from fraud_common.artifacts import pipeline_step
+
+    record = dict(decision.metadata)
+    with pipeline_step(rollout) as settings:
+        if platform == "kubernetes" and canary_steps.strip() and record.get("outcome") == "challenger":
+            from fraud_common.registry import open_registry, rollout as rules
+            from fraud_common.registry.serving import snapshot_of
+            from pipeline.k8s import challenger_service_name, kubernetes_apis, launch_inference_service, run_graph_canary
+
+            registry, name = open_registry(settings), record["model_name"]
+            version = record["challenger"]
+            policy = rules.CanaryPolicy(steps=rules.parse_steps(canary_steps), step_seconds=30.0,
+                                        step_timeout_seconds=900.0, min_requests=100)
+            rules.start(registry, name, version, policy, rules.ACTOR)
+            challenger = registry.get_version(name, version)
+            isvc = challenger_service_name(service_name, version)
+            launch_inference_service(settings, namespace, isvc, predictor_image, name, version, serve_timeout_seconds,
+                                     feast_snapshot_uri=snapshot_of(challenger))
+            api, _ = kubernetes_apis()
+            passed, results = run_graph_canary(api, namespace, service_name, (service_name, record["model_version"]),
+                                               (isvc, version), policy)
+            for result in results:
+                rules.record_step(registry, name, version, result)
+                for check in result.checks:
+                    steps.log_metric(f"step_{result.percent}_{check.name}", float(check.value))
+                steps.log_metric(f"step_{result.percent}_passed", float(result.passed))
+            if passed:
+                champion = rules.finish_promoted(registry, name, version, rules.ACTOR)
+                record.update(outcome="promoted", model_version=champion.version, artifact_uri=champion.artifact_uri,
+                              registered_model_id=champion.registered_model_id, model_version_id=champion.version_id,
+                              feast_snapshot_uri=snapshot_of(champion), canary_service=isvc)
+            else:
+                reason = "; ".join(r.reason for r in results if not r.passed)
+                rules.finish_rolled_back(registry, name, version, rules.ACTOR, reason)
+                record.update(outcome="rolled_back", reason=reason)
+        with open(rollout.path, "w") as handle:
+            json.dump(record, handle, indent=2)
+        rollout.metadata.update(record)
+    if record.get("outcome") == "rolled_back":
+        raise RuntimeError(f"canary of {record['challenger']} rolled back: {record['reason']}")
 
 
 @dsl.component(base_image=image("pipeline"), **_COMMON)
@@ -350,6 +419,12 @@ def serve(
                 registered_model_id=registered_model.metadata.get("registered_model_id", ""),
                 model_version_id=registered_model.metadata.get("model_version_id", ""),
             )
+            canary_service = registered_model.metadata.get("canary_service", "")
+            if canary_service:
+                from pipeline.k8s import finish_graph_canary
+
+                # The service now runs the promoted version: the router back on it, the canary's gone.
+                finish_graph_canary(namespace, service_name, canary_service)
         record = {"url": url, "model_name": name, "model_version": version, "feast_snapshot_uri": snapshot}
         with open(endpoint.path, "w") as handle:
             json.dump(record, handle, indent=2)
