@@ -337,3 +337,113 @@ def test_scenario_v1_v2_canary_v3_refused_v4_rolled_back(
     out = Path(os.environ.get("FRAUD_SCENARIO_FIGURES", tmp_path / "figures.json"))
     out.write_text(json.dumps({"backend": backend, **lab.figures}, indent=2, default=str))
     print(json.dumps(lab.figures, indent=1, default=str))
+
+
+# --- The cluster's canary: InferenceGraph objects and the stepping loop --------------------------
+
+
+def test_inference_graph_splitter_is_valid_against_the_crd() -> None:
+    from test_k8s import crd_errors
+
+    from pipeline import k8s
+
+    for percent in (0, 10, 50, 100):
+        body = k8s.inference_graph("fraud-detection-router", "fraud-detection", "fraud-detection",
+                                   "fraud-detection-c-1234abcd", percent)
+        assert crd_errors(body) == [], percent
+        steps = body["spec"]["nodes"]["root"]["steps"]
+        assert body["spec"]["nodes"]["root"]["routerType"] == "Splitter"
+        assert sum(s["weight"] for s in steps) == 100  # KServe's webhook requires it
+        assert steps[0]["serviceUrl"] == (
+            "http://fraud-detection-predictor.fraud-detection.svc.cluster.local/v1/models/onnx-model:predict")
+        assert body["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Standard"
+    assert len(k8s.inference_graph("r", "ns", "a")["spec"]["nodes"]["root"]["steps"]) == 1
+    bad = k8s.inference_graph("r", "ns", "a", "b", 10)
+    bad["spec"]["nodes"]["root"]["routerType"] = "Splitt"
+    assert crd_errors(bad)  # the schema can fail
+    with pytest.raises(ValueError, match="challenger share"):
+        k8s.inference_graph("r", "ns", "a", "", 10)
+    name = k8s.challenger_service_name("fraud-detection", "v20261202-010000-run-abc")
+    assert name.startswith("fraud-detection-c-") and len(name) <= 40
+
+
+class FakePredictors:
+    """Two predictors' /metrics, real exposition text; each scrape adds the traffic of one interval."""
+
+    def __init__(self, champion: str, challenger: str, challenger_error_rate: float) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.versions = {"champion": champion, "challenger": challenger}
+        self.registries, self.requests, self.scores, self.seconds = {}, {}, {}, {}
+        for side in ("champion", "challenger"):
+            registry = CollectorRegistry()
+            self.registries[side] = registry
+            self.requests[side] = Counter("fraud_model_requests", "", ["model_version", "outcome"], registry=registry)
+            self.scores[side] = Histogram("fraud_model_score", "", ["model_version"], registry=registry,
+                                          buckets=tuple(round(0.05 * i, 2) for i in range(1, 21)))
+            self.seconds[side] = Histogram("fraud_model_scoring_seconds", "", ["model_version"], registry=registry,
+                                           buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01))
+        self.error_rate = challenger_error_rate
+        self.percent = 0
+        self.rng = np.random.default_rng(0)
+
+    def traffic(self, n: int = 2000) -> None:
+        for _ in range(n):
+            side = "challenger" if self.rng.random() * 100 < self.percent else "champion"
+            version = self.versions[side]
+            failed = side == "challenger" and self.rng.random() < self.error_rate
+            self.requests[side].labels(version, "error" if failed else "ok").inc()
+            if not failed:
+                self.scores[side].labels(version).observe(float(self.rng.beta(0.3, 3)))
+                self.seconds[side].labels(version).observe(0.0003)
+
+    def read(self, url: str) -> str:
+        from prometheus_client import generate_latest
+
+        side = "challenger" if "-c-" in url else "champion"
+        if side == "champion":
+            self.traffic()
+        return generate_latest(self.registries[side]).decode()
+
+
+@pytest.mark.parametrize("error_rate", [0.0, 0.3])
+def test_graph_canary_steps_the_weights_and_puts_the_champion_back_on_a_failed_check(error_rate: float) -> None:
+    from test_k8s import FakeClock, FakeCustomObjects
+
+    from pipeline import k8s
+
+    api, clock = FakeCustomObjects(), FakeClock()
+    challenger = k8s.challenger_service_name("fraud-detection", "v2")
+    fake = FakePredictors("v1", "v2", error_rate)
+    weights: list[int] = []
+
+    def read(url: str) -> str:
+        graph = api.objects.get(("inferencegraphs", "ns", "fraud-detection-router"))
+        steps = graph["spec"]["nodes"]["root"]["steps"] if graph else []
+        fake.percent = next((s["weight"] for s in steps if s["name"] == "challenger"), 0)
+        if not weights or weights[-1] != fake.percent:
+            weights.append(fake.percent)
+        return fake.read(url)
+
+    policy = CanaryPolicy(steps=(10, 50, 100), min_requests=30, step_seconds=30)
+    passed, results = k8s.run_graph_canary(api, "ns", "fraud-detection", ("fraud-detection", "v1"), (challenger, "v2"),
+                                           policy, read_metrics=read, sleep=clock.sleep, clock=clock.clock)
+    final = api.objects[("inferencegraphs", "ns", "fraud-detection-router")]["spec"]["nodes"]["root"]["steps"]
+    if error_rate == 0:
+        assert passed and [r.percent for r in results] == [10, 50, 100] and weights == [10, 50, 100]
+        assert all(r.stats.challenger.p99_ms == 0.5 for r in results)  # the bucket holding 0.3 ms
+        assert all(r.stats.score_distance < 0.05 for r in results[:2])  # at 100 %: no champion traffic
+        assert [s["name"] for s in final] == ["challenger"] or final[-1]["weight"] == 100
+    else:
+        assert not passed and [r.percent for r in results] == [10] and "error rate" in results[0].reason
+        assert [(s["name"], s["weight"]) for s in final] == [("champion", 100)]  # rolled back
+
+
+def test_metrics_parser_reads_labelled_samples() -> None:
+    from pipeline import k8s
+
+    text = '# HELP x\nfraud_model_requests_total{model_version="v1",outcome="ok"} 5.0\nup 1\n'
+    samples = k8s.parse_metrics(text)
+    assert samples[("fraud_model_requests_total", frozenset({("model_version", "v1"), ("outcome", "ok")}))] == 5.0
+    assert samples[("up", frozenset())] == 1.0
+    assert k8s.histogram_quantile([(0.001, 50.0), (0.002, 99.0), (float("inf"), 100.0)], 0.99) == 0.002

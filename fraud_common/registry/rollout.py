@@ -166,7 +166,10 @@ def check_step(stats: StepStats, policy: CanaryPolicy) -> StepResult:
         bound = champion.p99_ms * policy.max_latency_factor + policy.latency_slack_ms
         result.checks.append(_at_most("latency_p99", challenger.p99_ms, bound,
                                       f"challenger p99 latency ms (champion {champion.p99_ms:.3f})"))
-    if challenger.requests > challenger.errors:
+    # NaN with no champion traffic: a splitter that cannot shadow-score (the cluster's) has
+    # nothing to compare at 100 %; the earlier steps compared the distributions.
+    comparable = not (math.isnan(stats.score_distance) and champion.requests == 0)
+    if challenger.requests > challenger.errors and comparable:
         result.checks.append(_at_most("score_distance", stats.score_distance, policy.max_score_distance,
                                       "score distribution distance (Wasserstein-1) vs champion"))
     if stats.flip_rate is not None and stats.paired_rows:
