@@ -532,8 +532,15 @@ def run_canary(
     from fraud_common.registry import rollout
 
     started = time.monotonic()
-    rollout.start(registry, model_name, version, policy, actor)
     champion = registry.get_version(model_name, alias=CHAMPION).version
+    # Before any record: the predictor answers and serves the registry's champion.
+    serving = call(base_url, "GET", CANARY_PATH)
+    if serving["champion"] != champion:
+        raise RegistryError(f"the predictor at {base_url} serves {serving['champion']}, the registry's champion is "
+                            f"{champion}: reload it first (POST {RELOAD_PATH}, or `fraud-detection promote`)")
+    if serving["challenger"] and serving["challenger"] != version:
+        raise RegistryError(f"the predictor at {base_url} is running a canary of {serving['challenger']}")
+    rollout.start(registry, model_name, version, policy, actor)
     latency = None
 
     def decide(decision: str) -> None:

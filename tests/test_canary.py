@@ -304,8 +304,15 @@ def test_scenario_v1_v2_canary_v3_refused_v4_rolled_back(
             done = cli(settings, "canary", "v4", "--replay", "--users", str(USERS), "--step-seconds", "1",
                        "--url", url)
             assert done.returncode == 1 and "rolled_back" in done.stdout and "champion v2" in done.stdout, done.stdout
-            steps = lab.registry.get_version(name, "v4").metadata["canary"]["steps"]
-            assert "error rate" in lab.registry.get_version(name, "v4").metadata["canary"]["reason"]
+            record = lab.registry.get_version(name, "v4").metadata["canary"]
+            steps = record["steps"]
+            assert "error rate" in record["reason"]
+            lab.figures["v4"]["canary"] = {"outcome": record["status"], "reason": record["reason"], "via": "CLI",
+                                           "started_at": record["started_at"], "finished_at": record["finished_at"],
+                                           "steps": [{"percent": s["percent"], "seconds": s["seconds"],
+                                                      "challenger_requests": s["stats"]["challenger"]["requests"],
+                                                      "challenger_errors": s["stats"]["challenger"]["errors"]}
+                                                     for s in steps]}
         else:
             outcome = lab.canary("v4")
             assert outcome.outcome == "rolled_back" and "error rate" in outcome.reason
@@ -325,6 +332,12 @@ def test_scenario_v1_v2_canary_v3_refused_v4_rolled_back(
         assert metric_value(url, "fraud_model_gate_passed", model_version="v2", gate="roc_auc") == 1
 
     if backend == "local":
+        # No predictor: one line naming what to start, and nothing recorded on the version.
+        before = lab.registry.get_version(name, "v4").metadata
+        done = cli(settings, "canary", "v4", "--url", f"http://127.0.0.1:{free_port()}")
+        assert done.returncode == 1 and "no predictor at" in done.stderr and "Traceback" not in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert lab.registry.get_version(name, "v4").metadata == before
         listing = cli(settings, "models").stdout
         status = {line.split()[0]: line for line in listing.splitlines()[1:]}
         assert "champion" in status["v2"] and "refused" in status["v3"] and "rolled back" in status["v4"], listing
@@ -334,9 +347,10 @@ def test_scenario_v1_v2_canary_v3_refused_v4_rolled_back(
             lab.url = url
             assert lab.answers() == v2_answers
         assert snapshot_of(lab.registry.get_version(name, "v2")) != settings.feast_dir
-    out = Path(os.environ.get("FRAUD_SCENARIO_FIGURES", tmp_path / "figures.json"))
-    out.write_text(json.dumps({"backend": backend, **lab.figures}, indent=2, default=str))
-    print(json.dumps(lab.figures, indent=1, default=str))
+    # The closing note's figures: FRAUD_SCENARIO_FIGURES=<folder> keeps them (bench/results in the docs).
+    out = Path(os.environ.get("FRAUD_SCENARIO_FIGURES", tmp_path)) / f"governance_scenario_{backend}.json"
+    out.write_text(json.dumps({"backend": backend, "users": USERS, "loadavg": os.getloadavg(), **lab.figures},
+                              indent=2, default=str))
 
 
 # --- The cluster's canary: InferenceGraph objects and the stepping loop --------------------------
