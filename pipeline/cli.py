@@ -521,7 +521,8 @@ def cmd_canary(args: argparse.Namespace, console: Console) -> int:
             replay.__enter__()
         try:
             outcome = run_canary(url, registry, settings.model_name, args.version, policy, _actor(),
-                                 benchmark_users=users[:500], benchmark_requests=args.benchmark_requests)
+                                 benchmark_users=users[:500], benchmark_requests=args.benchmark_requests,
+                                 latency_factor=args.latency_factor)
         finally:
             if replay is not None:
                 replay.__exit__(None, None, None)
@@ -621,6 +622,8 @@ def build_parser() -> argparse.ArgumentParser:
     can.add_argument("--users", type=_integer, default=1000,
                      help="stored users user_0..user_N-1 for the latency gate and --replay (default 1000; 0: no latency gate)")
     can.add_argument("--benchmark-requests", type=_integer, default=2000, help="requests per version in the latency gate")
+    can.add_argument("--latency-factor", type=float, default=1.5,
+                     help="the latency gate: challenger p99 at most this times the champion's (default 1.5)")
     can.add_argument("--replay", action="store_true", help="send stored users' requests meanwhile (no real traffic here)")
     can.add_argument("--url", help="predictor URL (default: http://127.0.0.1:FRAUD_SERVE_PORT)")
     can.add_argument("--port", type=port_number, help="predictor port (default 8081)")

@@ -50,7 +50,10 @@ USERS = 4_000
 POLICY = GatePolicy(min_roc_auc=0.85, max_brier=0.1)
 # Sub-millisecond p99s on a shared 2-core machine jitter by more than 1.5x; the test states its own factor.
 LATENCY_FACTOR = 3.0
-CANARY = CanaryPolicy(steps=(10, 50, 100), min_requests=30, step_seconds=1.0, step_timeout_seconds=60.0)
+# The step's latency check as shipped, but 20 ms slack: a 30-request p99 is its slowest request,
+# and a loaded shared host stalls a process for that long now and then.
+CANARY = CanaryPolicy(steps=(10, 50, 100), min_requests=30, step_seconds=1.0, step_timeout_seconds=60.0,
+                      latency_slack_ms=20.0)
 FAULTY = "v4"
 
 
@@ -65,9 +68,10 @@ def test_steps_parse_and_refuse_nonsense() -> None:
 
 
 def test_step_checks_fail_on_errors_latency_scores_and_missing_traffic() -> None:
+    SHIPPED = CanaryPolicy()  # noqa: N806 - the bounds as shipped
     fine = VersionStats(requests=100, errors=0, p99_ms=1.0)
     base = StepStats(percent=10, seconds=2.0, champion=fine, challenger=fine, score_distance=0.01, flip_rate=0.01, paired_rows=100)
-    assert check_step(base, CANARY).passed
+    assert check_step(base, SHIPPED).passed
     cases = {
         "error_rate": {"challenger": VersionStats(100, 8, 1.0)},  # 5/100 could be noise around 1 %
         "latency_p99": {"challenger": VersionStats(100, 0, 1.0 * 1.5 + 5.01)},
@@ -75,10 +79,10 @@ def test_step_checks_fail_on_errors_latency_scores_and_missing_traffic() -> None
         "flip_rate": {"flip_rate": 0.12},
         "traffic": {"challenger": VersionStats(29, 0, 1.0)},
     }
-    assert check_step(StepStats(**{**base.__dict__, "flip_rate": 0.06}), CANARY).passed  # 6/100: not evidence
+    assert check_step(StepStats(**{**base.__dict__, "flip_rate": 0.06}), SHIPPED).passed  # 6/100: not evidence
     assert abs(wilson_lower(8, 44) - 0.0951) < 1e-3
     for name, change in cases.items():
-        result = check_step(StepStats(**{**base.__dict__, **change}), CANARY)
+        result = check_step(StepStats(**{**base.__dict__, **change}), SHIPPED)
         assert [c.name for c in result.checks if not c.passed] == [name], name
         assert result.reason and not result.passed
 
@@ -302,7 +306,7 @@ def test_scenario_v1_v2_canary_v3_refused_v4_rolled_back(
         assert fourth.outcome == "challenger", fourth.reason
         if backend == "local":  # through the command line, as a user runs it
             done = cli(settings, "canary", "v4", "--replay", "--users", str(USERS), "--step-seconds", "1",
-                       "--url", url)
+                       "--latency-factor", str(LATENCY_FACTOR), "--url", url)
             assert done.returncode == 1 and "rolled_back" in done.stdout and "champion v2" in done.stdout, done.stdout
             record = lab.registry.get_version(name, "v4").metadata["canary"]
             steps = record["steps"]
