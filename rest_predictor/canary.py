@@ -26,7 +26,9 @@ per request. Empty by default; a production predictor never sets them.
 Prometheus (kserve's ``/metrics``), every series labelled by ``model_version``:
 ``fraud_model_requests_total{outcome}``, ``fraud_model_scoring_seconds``, ``fraud_model_score``,
 ``fraud_model_traffic_percent``, ``fraud_model_served{alias}``, ``fraud_model_gate_passed{gate}``,
-``fraud_model_gate_value{gate}``, ``fraud_canary_decisions_total{decision}``.
+``fraud_model_gate_value{gate}``, ``fraud_canary_decisions_total{decision}``, and for every
+registered version (read from the registry every 30 s and on reload, so refused versions that are
+never hosted show too) ``fraud_model_version_status{status}`` and its gate gauges.
 """
 
 from __future__ import annotations
@@ -114,6 +116,45 @@ def export_gates(record: ModelVersion) -> None:
     for gate, result in results.items():
         GATE_PASSED.labels(record.version, gate).set(1.0 if result.get("passed") else 0.0)
         GATE_VALUE.labels(record.version, gate).set(float(result.get("value", float("nan"))))
+
+
+STATUS = Gauge("fraud_model_version_status", "1 for each registered version's status (champion, refused, rolled back...).",
+               ["model_version", "status"])
+# Seconds between two reads of the registry for the version metrics (every replica reads it).
+REGISTRY_METRICS_SECONDS = 30.0
+
+
+def export_versions(registry: ModelRegistry, model_name: str) -> None:
+    """Every registered version's status and gate results as gauges: refused versions, never
+    hosted, show up in Prometheus too."""
+    from fraud_common.registry.lifecycle import version_status
+
+    for record in registry.list_versions(model_name):
+        status = version_status(record)
+        for stale in [key for key in _exported if key[0] == record.version and key[1] != status]:
+            STATUS.labels(*stale).set(0)  # kserve's multi-process metrics cannot remove a series
+        STATUS.labels(record.version, status).set(1)
+        _exported.add((record.version, status))
+        export_gates(record)
+
+
+_exported: set[tuple[str, str]] = set()
+
+
+def watch_registry(registry: Callable[[], ModelRegistry], model_name: str,
+                   every: float = REGISTRY_METRICS_SECONDS) -> None:
+    """Refresh ``export_versions`` in a daemon thread; a registry outage only logs."""
+    import threading
+
+    def loop() -> None:
+        while True:
+            try:
+                export_versions(registry(), model_name)
+            except Exception as err:  # noqa: BLE001 - metrics must never stop the predictor
+                log.warning("version metrics not refreshed: %s", err)
+            time.sleep(every)
+
+    threading.Thread(target=loop, name="registry-metrics", daemon=True).start()
 
 
 def score_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -297,12 +338,13 @@ class TrafficSplit:
 
 
 def benchmark(champion: ServedVersion, challenger: ServedVersion, user_ids: list[str], requests: int,
-              rounds: int = 5) -> dict[str, float]:
+              rounds: int = 10) -> dict[str, Any]:
     """Both versions' p99 (ms) over the same ``requests`` stored-user requests: features read + ONNX.
 
     The order alternates every request so neither version is always second (warm caches). The
-    requests run in ``rounds`` slices and each version's figure is the median of its per-slice
-    p99s: one scheduler stall on a shared host then moves one slice, not the verdict.
+    requests run in ``rounds`` slices and each version's figure is the lowest of its per-slice
+    p99s (as ``timeit`` takes the minimum): stalls from other processes then move some slices,
+    not the verdict. The per-slice figures are returned too.
     """
     reader = champion.features
     assert reader is not None
@@ -325,7 +367,10 @@ def benchmark(champion: ServedVersion, challenger: ServedVersion, user_ids: list
         for side, values in timings.items():
             per_round[side].append(float(np.percentile(values, 99)) * 1000)
             p50s[side].append(float(np.percentile(values, 50)) * 1000)
-    figures = {f"{side}_p99_ms": float(np.median(values)) for side, values in per_round.items()}
+    # Preemption on a shared host only adds time (a p99 of a loaded 2-core box is its 4 ms
+    # scheduler tick): the least-disturbed slice is the best estimate of what a model costs.
+    figures: dict[str, Any] = {f"{side}_p99_ms": float(np.min(values)) for side, values in per_round.items()}
+    figures |= {f"{side}_slice_p99_ms": [round(v, 4) for v in values] for side, values in per_round.items()}
     figures |= {f"{side}_p50_ms": float(np.median(values)) for side, values in p50s.items()}
     return figures | {"requests": float(size * rounds), "rounds": float(rounds)}
 
@@ -378,7 +423,7 @@ class CanaryControl:
             log.info("canary: every request back to champion %s (%s unloaded)", self.split.champion.version, gone)
         return self.split.status()
 
-    async def benchmark(self, version: str, requests: int, user_ids: list[str]) -> dict[str, float]:
+    async def benchmark(self, version: str, requests: int, user_ids: list[str]) -> dict[str, Any]:
         if not isinstance(requests, int) or isinstance(requests, bool) or not 10 <= requests <= 100_000:
             raise InvalidInput(f"requests must be an integer from 10 to 100000, got {requests!r}")
         if not user_ids or not all(isinstance(u, str) and u for u in user_ids):
@@ -389,7 +434,9 @@ class CanaryControl:
             if missing:
                 raise InvalidInput(f"the live store does not know {missing[:5]}")
             # On the event loop, like requests: the same thread, the same feature reader.
-            return benchmark(self.split.champion, challenger, list(user_ids), requests)
+            figures = benchmark(self.split.champion, challenger, list(user_ids), requests)
+        log.info("latency of %s beside champion %s: %s", version, self.split.champion.version, figures)
+        return figures
 
     async def reload(self) -> dict[str, Any]:
         """Serve the registry's champion (its model, threshold and store) if it changed."""
@@ -407,6 +454,7 @@ class CanaryControl:
                 self.split.replace_champion(served)  # one event-loop step: model, threshold, store
                 self.on_champion(served)
                 log.info("now serving champion %s", record.version)
+        await asyncio.to_thread(export_versions, self.registry(), self.settings.model_name)
         return self.split.status()
 
 
@@ -518,7 +566,7 @@ class CanaryOutcome:
     champion: str
     reason: str
     steps: list[dict[str, Any]]
-    latency: dict[str, float] | None
+    latency: dict[str, Any] | None
     seconds: float
 
 

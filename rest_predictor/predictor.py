@@ -75,6 +75,7 @@ from starlette.exceptions import HTTPException
 from fraud_common import history, schemas
 from fraud_common.logs import get_logger, setup_logging
 from fraud_common.registry import ModelRegistry, open_registry
+from fraud_common.registry.serving import feature_settings
 from fraud_common.settings import Settings
 from rest_predictor import canary, metrics
 from rest_predictor.errors import (
@@ -190,13 +191,14 @@ class FraudPredictor(kserve.Model):
         self.traffic = canary.TrafficSplit(served, canary.Fault.from_settings(self.settings))
         self.control = canary.CanaryControl(self.settings, self._registry, self.feature_read, self.traffic,
                                             self.use_champion)
+        canary.watch_registry(self._registry, self.settings.model_name)
         if isinstance(history_store, RedisHistoryStore):
             self.async_history = AsyncRedisHistory(history_store.url)
         self.ready = True
         log.info(
             "serving model %s version %s (%s), threshold %.4f, features from %s (%s)",
-            model.model_name, model.version, model.artifact_uri, model.threshold, self.settings.feast_dir,
-            type(features).__name__,
+            model.model_name, model.version, model.artifact_uri, model.threshold,
+            feature_settings(self.settings, version).feast_dir, type(features).__name__,
         )
         return self.ready
 

@@ -232,9 +232,11 @@ def predictor(settings: Settings, log_path: Path) -> Iterator[str]:
             proc.kill()
 
 
-def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess:
-    """``fraud-detection ARGS`` in a subprocess with these settings."""
+def cli(settings: Settings, *args: str, url: str = "") -> subprocess.CompletedProcess:
+    """``fraud-detection ARGS`` in a subprocess with these settings (and the predictor at ``url``)."""
     env = {**os.environ, **settings.to_env()}
+    if url:
+        env["FRAUD_SERVE_PORT"] = url.rsplit(":", 1)[1]
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=env, cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=300)
 
@@ -334,6 +336,20 @@ def test_scenario_v1_v2_canary_v3_refused_v4_rolled_back(
         assert metric_value(url, "fraud_model_requests_total", model_version="v4", outcome="error") > 0
         assert metric_value(url, "fraud_model_traffic_percent", model_version="v4") == 0
         assert metric_value(url, "fraud_model_gate_passed", model_version="v2", gate="roc_auc") == 1
+        requests.post(url + canary.RELOAD_PATH, timeout=30).raise_for_status()  # refreshes the version metrics now
+        assert metric_value(url, "fraud_model_version_status", model_version="v3", status="refused") == 1
+        assert metric_value(url, "fraud_model_gate_passed", model_version="v3", gate="roc_auc") == 0
+        assert metric_value(url, "fraud_model_version_status", model_version="v4", status="rolled back") == 1
+
+        if backend == "local":
+            # By hand: rollback restores the previous champion (v1, with its own store), promote v2 again;
+            # the running predictor follows each without a restart.
+            done = cli(settings, "rollback", "--reason", "drill", url=url)
+            assert done.returncode == 0 and "now serves v1" in done.stdout, done.stdout + done.stderr
+            assert lab.served_versions() == {"v1"}
+            done = cli(settings, "promote", "v2", "--reason", "drill over", url=url)
+            assert done.returncode == 0 and "now serves v2" in done.stdout, done.stdout + done.stderr
+            assert lab.answers() == v2_answers
 
     if backend == "local":
         # No predictor: one line naming what to start, and nothing recorded on the version.
