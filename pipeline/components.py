@@ -328,7 +328,9 @@ def canary(
 
     record = dict(decision.metadata)
     with pipeline_step(rollout) as settings:
-        if platform == "kubernetes" and canary_steps.strip() and record.get("outcome") == "challenger":
+        ran = platform == "kubernetes" and canary_steps.strip() and record.get("outcome") == "challenger"
+        steps.log_metric("canary_ran", float(bool(ran)))
+        if ran:
             from fraud_common.registry import open_registry, rollout as rules
             from fraud_common.registry.serving import snapshot_of
             from pipeline.k8s import challenger_service_name, kubernetes_apis, launch_inference_service, run_graph_canary

@@ -367,6 +367,16 @@ def test_scenario_v1_v2_canary_v3_refused_v4_rolled_back(
             lab.url = url
             assert lab.answers() == v2_answers
         assert snapshot_of(lab.registry.get_version(name, "v2")) != settings.feast_dir
+    # The same aliases and records on both backends: every alias change in order, every status.
+    history = [(e.alias, e.version, e.kind) for e in lab.registry.alias_history(name)]
+    expected = [("challenger", "v1", "set"), ("champion", "v1", "set"), ("challenger", "v2", "set"),
+                ("champion", "v2", "set"), ("challenger", "v4", "set"), ("challenger", "", "clear")]
+    if backend == "local":
+        expected += [("champion", "v1", "rollback"), ("champion", "v2", "set")]
+    assert history == expected
+    assert all(e.actor and e.reason and e.at for e in lab.registry.alias_history(name))
+    statuses = {row.version: row.status for row in lifecycle.list_models(lab.registry, name)}
+    assert statuses == {"v1": "archived", "v2": "champion", "v3": "refused", "v4": "rolled back"}
     # The closing note's figures: FRAUD_SCENARIO_FIGURES=<folder> keeps them (bench/results in the docs).
     out = Path(os.environ.get("FRAUD_SCENARIO_FIGURES", tmp_path)) / f"governance_scenario_{backend}.json"
     out.write_text(json.dumps({"backend": backend, "users": USERS, "loadavg": os.getloadavg(), **lab.figures},
