@@ -312,14 +312,14 @@ def canary(
     canary_steps: str,
     decision: Input[Artifact],
     rollout: Output[Artifact],
-    steps: Output[Metrics],
+    metrics: Output[Metrics],
 ):
     """Roll a challenger out through an InferenceGraph Splitter (10 → 50 → 100 %), checks at each step.
 
     Only on a cluster and only for a version the gates left as challenger; otherwise the
     decision passes through. The challenger gets its own InferenceService; the router graph
     ``<service>-router`` weighs it against the champion's; every step's figures go onto the
-    version (``canary``) and into ``steps``. A failed check puts 100 % back on the champion,
+    version (``canary``) and into ``metrics``. A failed check puts 100 % back on the champion,
     marks the version rolled back and fails the step, so ``serve`` changes nothing.
     """
     import json
@@ -329,7 +329,7 @@ def canary(
     record = dict(decision.metadata)
     with pipeline_step(rollout) as settings:
         ran = platform == "kubernetes" and canary_steps.strip() and record.get("outcome") == "challenger"
-        steps.log_metric("canary_ran", float(bool(ran)))
+        metrics.log_metric("canary_ran", float(bool(ran)))
         if ran:
             from fraud_common.registry import open_registry, rollout as rules
             from fraud_common.registry.serving import snapshot_of
@@ -350,8 +350,8 @@ def canary(
             for result in results:
                 rules.record_step(registry, name, version, result)
                 for check in result.checks:
-                    steps.log_metric(f"step_{result.percent}_{check.name}", float(check.value))
-                steps.log_metric(f"step_{result.percent}_passed", float(result.passed))
+                    metrics.log_metric(f"step_{result.percent}_{check.name}", float(check.value))
+                metrics.log_metric(f"step_{result.percent}_passed", float(result.passed))
             if passed:
                 champion = rules.finish_promoted(registry, name, version, rules.ACTOR)
                 record.update(outcome="promoted", model_version=champion.version, artifact_uri=champion.artifact_uri,

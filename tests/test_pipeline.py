@@ -56,7 +56,7 @@ OUTPUTS = {
     },
     "register-model": {"registered_model": "system.Artifact"},
     "evaluate-against-champion": {"decision": "system.Artifact", "gates": "system.Metrics"},
-    "canary": {"rollout": "system.Artifact", "steps": "system.Metrics"},
+    "canary": {"rollout": "system.Artifact", "metrics": "system.Metrics"},
     "serve": {"endpoint": "system.Artifact"},
 }
 INPUTS = {
