@@ -122,6 +122,17 @@ class Settings:
     # manifests/online-store. The password comes from the Secret setup.sh generates.
     online_store_url: str = _setting("FRAUD_ONLINE_STORE_URL", "", CONFIG)
     online_store_password: str = _setting("FRAUD_ONLINE_STORE_PASSWORD", "", ONLINE_STORE_SECRET)
+    # governance / canary
+    # Canary steps: the challenger's share of traffic, percent, step by step (must end at 100);
+    # empty: a version that passes the gates is promoted at once (no canary).
+    canary_steps: str = _setting("FRAUD_CANARY_STEPS", "10,50,100", LOCAL, parameter=True)
+    # Seconds each canary step lasts at least (it also waits for enough challenger requests).
+    canary_step_seconds: float = _setting("FRAUD_CANARY_STEP_SECONDS", 5.0, LOCAL)
+    # Fault injection, for rollback drills only: the predictor makes FRAUD_FAULT_VERSION answer
+    # this share of its requests with a 500 and sleep this long per request. Empty: no faults.
+    fault_version: str = _setting("FRAUD_FAULT_VERSION", "", LOCAL)
+    fault_error_rate: float = _setting("FRAUD_FAULT_ERROR_RATE", 0.0, LOCAL)
+    fault_delay_ms: float = _setting("FRAUD_FAULT_DELAY_MS", 0.0, LOCAL)
 
     @property
     def online_store_client_url(self) -> str:

@@ -247,7 +247,7 @@ def curl_line(settings: Settings, user: str) -> str:
 
 STEP_ORDER = (
     "prepare-data", "feature-engineering", "retrieve-features", "train-model", "register-model",
-    "evaluate-against-champion", "serve",
+    "evaluate-against-champion", "canary", "serve",
 )
 
 
@@ -284,6 +284,11 @@ def step_figure(step: str, outputs: dict[str, Any]) -> str:
     if step == "evaluate-against-champion":
         decision = meta["decision"]
         return f"champion: {decision.get('model_name')} version {decision.get('model_version')}"
+    if step == "canary":
+        rollout = meta["rollout"]
+        if rollout.get("canary_service") or rollout.get("outcome") == "rolled_back":
+            return f"{rollout.get('outcome')}: {rollout.get('challenger')}"
+        return "no canary (promoted at the gate)" if rollout.get("outcome") == "promoted" else str(rollout.get("outcome", ""))
     if step == "serve":
         return "the champion loads"
     return ""
@@ -470,7 +475,63 @@ def cmd_lifecycle(args: argparse.Namespace, console: Console) -> int:
     else:
         done = lifecycle.approve(registry, name, args.version, _actor(), args.reason)
     console.say(f"{name} {done.version}: {lifecycle.version_status(done)}")
+    console.say(_reload_local_predictor(settings))
     return 0
+
+
+def _predictor_url(settings: Settings) -> str:
+    host = "127.0.0.1" if settings.serve_host in ("0.0.0.0", "") else settings.serve_host
+    return f"http://{host}:{settings.serve_port}"
+
+
+def _reload_local_predictor(settings: Settings) -> str:
+    """Tell a predictor running on this machine to serve the registry's champion now."""
+    from fraud_common.registry import RegistryError
+    from rest_predictor.canary import RELOAD_PATH, call
+
+    url = _predictor_url(settings)
+    try:
+        status = call(url, "POST", RELOAD_PATH, timeout=120)
+    except RegistryError as err:
+        if "no predictor at" in str(err):
+            return f"no predictor on {url}: the next `{PROG} serve` serves the new champion"
+        raise
+    return f"predictor on {url} now serves {status['champion']}"
+
+
+def cmd_canary(args: argparse.Namespace, console: Console) -> int:
+    """Latency gate in the running predictor, then the canary steps; promote or roll back automatically."""
+    from fraud_common.registry import open_registry
+    from fraud_common.registry.rollout import CanaryPolicy, parse_steps
+    from rest_predictor.canary import Replay, run_canary
+
+    settings = _settings(args)
+    try:
+        steps = parse_steps(args.steps or settings.canary_steps)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    policy = CanaryPolicy(steps=steps, min_requests=args.min_requests,
+                          step_seconds=args.step_seconds or settings.canary_step_seconds)
+    url = args.url or _predictor_url(settings)
+    users = [f"user_{i}" for i in range(args.users)] if args.users else []
+    registry = open_registry(settings)
+    with console.step("canary") as step:
+        replay = Replay(url, users) if args.replay and users else None
+        if replay is not None:
+            replay.__enter__()
+        try:
+            outcome = run_canary(url, registry, settings.model_name, args.version, policy, _actor(),
+                                 benchmark_users=users[:500], benchmark_requests=args.benchmark_requests,
+                                 latency_factor=args.latency_factor)
+        finally:
+            if replay is not None:
+                replay.__exit__(None, None, None)
+        step.figure = f"{outcome.outcome} after {outcome.seconds:.1f}s ({outcome.reason})"
+    for record in outcome.steps:
+        console.say(f"  {record['percent']:>3} %  {'passed' if record['passed'] else 'FAILED'}  "
+                    f"{record['stats']['challenger']['requests']} challenger requests in {record['seconds']:.1f}s")
+    console.say(f"{settings.model_name}: champion {outcome.champion}")
+    return 0 if outcome.outcome == "promoted" else 1
 
 
 def cmd_push(args: argparse.Namespace, console: Console) -> int:
@@ -549,6 +610,24 @@ def build_parser() -> argparse.ArgumentParser:
     approve.add_argument("version")
     approve.add_argument("--reason", default="approved")
     approve.set_defaults(func=cmd_lifecycle)
+    can = sub.add_parser(
+        "canary", help="roll VERSION out to the running predictor step by step; roll back on a failed check",
+        description="Latency gate in the running predictor, then a growing share of traffic for the challenger "
+        "with checks at each step (errors, latency, scores vs the champion); promote, or roll back automatically.",
+    )
+    can.add_argument("version")
+    can.add_argument("--steps", help="challenger's share per step, percent (default: FRAUD_CANARY_STEPS, 10,50,100)")
+    can.add_argument("--step-seconds", type=float, help="least seconds per step (default: FRAUD_CANARY_STEP_SECONDS)")
+    can.add_argument("--min-requests", type=_integer, default=30, help="challenger requests a step needs (default 30)")
+    can.add_argument("--users", type=_integer, default=1000,
+                     help="stored users user_0..user_N-1 for the latency gate and --replay (default 1000; 0: no latency gate)")
+    can.add_argument("--benchmark-requests", type=_integer, default=2000, help="requests per version in the latency gate")
+    can.add_argument("--latency-factor", type=float, default=1.5,
+                     help="the latency gate: challenger p99 at most this times the champion's (default 1.5)")
+    can.add_argument("--replay", action="store_true", help="send stored users' requests meanwhile (no real traffic here)")
+    can.add_argument("--url", help="predictor URL (default: http://127.0.0.1:FRAUD_SERVE_PORT)")
+    can.add_argument("--port", type=port_number, help="predictor port (default 8081)")
+    can.set_defaults(func=cmd_canary)
 
     from rest_predictor.push import add_arguments as add_push_arguments  # imports no kserve
 
@@ -562,7 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("monitor", "feedback"):  # their own one-line error handling; no step console
         command_func = sub.choices[name].get_default("func")
         sub.choices[name].set_defaults(func=lambda args, console, command_func=command_func: command_func(args))
-    for command in (gen, prep, run, srv, comp, models, promote, rollback, approve, psh):  # `fraud-detection run --verbose` works too
+    for command in (gen, prep, run, srv, comp, models, promote, rollback, approve, can, psh):  # `fraud-detection run --verbose` works too
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 

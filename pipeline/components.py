@@ -189,12 +189,20 @@ def register_model(
     min_roc_auc: float,
     run_id: str,
     model: Input[Model],
+    feature_store: Input[Artifact],
+    training_set: Input[Dataset],
     registered_model: Output[Artifact],
 ):
-    """Check the quality gate, upload the ONNX file and record the version in the registry."""
-    import json
+    """Check the quality gate, upload the ONNX file and record the version in the registry.
 
-    from fraud_common.artifacts import pipeline_step
+    The run's feature store snapshot is stored with the version and recorded on it with the
+    training data (fingerprint, time range, URI): promotion later serves exactly that store.
+    """
+    import json
+    from pathlib import Path
+
+    from fraud_common.artifacts import pipeline_step, storage_uri
+    from fraud_common.registry.serving import snapshot_of
     from train.register import code_version, publish_model
 
     with pipeline_step(registered_model, model_name=model_name, min_roc_auc=min_roc_auc) as settings:
@@ -207,6 +215,8 @@ def register_model(
             data_fingerprint=str(model.metadata["data_fingerprint"]),
             run_id=run_id,
             code_version=code_version(settings),
+            feature_store_dir=Path(feature_store.path),
+            training_data={**dict(training_set.metadata), "uri": storage_uri(training_set.uri)},
         )
         record = {
             "model_name": version.model_name,
@@ -216,6 +226,7 @@ def register_model(
             "registry_uri": settings.registry_uri,
             "registered_model_id": version.registered_model_id,
             "model_version_id": version.version_id,
+            "feast_snapshot_uri": snapshot_of(version),
         }
         # The artifact is the registered version's record: which registry holds which version.
         with open(registered_model.path, "w") as handle:
@@ -229,6 +240,8 @@ def evaluate_against_champion(
     min_roc_auc: float,
     require_approval: bool,
     approval_timeout_seconds: int,
+    platform: str,
+    canary_steps: str,
     training_set: Input[Dataset],
     registered_model: Input[Artifact],
     decision: Output[Artifact],
@@ -237,7 +250,10 @@ def evaluate_against_champion(
     """Gate the registered version against the champion on the run's test split; promote or refuse.
 
     ``decision`` names the champion after the decision (what ``serve`` deploys); a refusal fails
-    the step after recording the gates on the version, so nothing downstream changes.
+    the step after recording the gates on the version, so nothing downstream changes. On a
+    cluster with ``canary_steps`` a passing version stays challenger: the ``canary`` step rolls
+    it out. The embedded run has no live traffic to canary on: it promotes at the gate (a running
+    local predictor takes ``fraud-detection canary VERSION``).
     """
     import json
     from pathlib import Path
@@ -245,18 +261,24 @@ def evaluate_against_champion(
     from fraud_common import storage
     from fraud_common.artifacts import pipeline_step
     from fraud_common.registry import CHAMPION, open_registry
+    from fraud_common.registry.serving import snapshot_of
     from train.data import load_dataset, split_arrays
-    from train.governance import GatePolicy, decide, evaluate_against_champion, raise_if_refused
+    from train.governance import GatePolicy, decide, evaluate_against_champion, raise_if_refused, served_rows
 
     with pipeline_step(decision, model_name=model_name, min_roc_auc=min_roc_auc) as settings:
         test = split_arrays(load_dataset(Path(training_set.path)))["test"]
         registry = open_registry(settings)
+        # Recent served traffic for the shadow gate, when the predictor logs its requests (the
+        # prediction log's setting; absent: the test rows).
+        from fraud_common import schemas
+
+        served = served_rows(getattr(settings, "prediction_log_uri", ""), settings, list(schemas.MODEL_FEATURES))
         report = evaluate_against_champion(
             registry, model_name, registered_model.metadata["model_version"], test.features, test.labels,
-            lambda uri: storage.read_bytes(uri, settings), GatePolicy.from_settings(settings),
+            lambda uri: storage.read_bytes(uri, settings), GatePolicy.from_settings(settings), served=served,
         )
         outcome = decide(
-            registry, model_name, report,
+            registry, model_name, report, promote_now=not (platform == "kubernetes" and canary_steps.strip()),
             require_approval=require_approval, approval_timeout_seconds=approval_timeout_seconds,
         )
         for name, value in report.kfp_metrics().items():
@@ -271,11 +293,79 @@ def evaluate_against_champion(
             "artifact_uri": champion.artifact_uri,
             "registered_model_id": champion.registered_model_id,
             "model_version_id": champion.version_id,
+            # The store the champion was registered with: what serve deploys beside it.
+            "feast_snapshot_uri": snapshot_of(champion),
         }
         with open(decision.path, "w") as handle:
             json.dump(record, handle, indent=2)
         decision.metadata.update(record)
     raise_if_refused(outcome)
+
+
+@dsl.component(base_image=image("pipeline"), **_COMMON)
+def canary(
+    platform: str,
+    namespace: str,
+    service_name: str,
+    predictor_image: str,
+    serve_timeout_seconds: int,
+    canary_steps: str,
+    decision: Input[Artifact],
+    rollout: Output[Artifact],
+    metrics: Output[Metrics],
+):
+    """Roll a challenger out through an InferenceGraph Splitter (10 → 50 → 100 %), checks at each step.
+
+    Only on a cluster and only for a version the gates left as challenger; otherwise the
+    decision passes through. The challenger gets its own InferenceService; the router graph
+    ``<service>-router`` weighs it against the champion's; every step's figures go onto the
+    version (``canary``) and into ``metrics``. A failed check puts 100 % back on the champion,
+    marks the version rolled back and fails the step, so ``serve`` changes nothing.
+    """
+    import json
+
+    from fraud_common.artifacts import pipeline_step
+
+    record = dict(decision.metadata)
+    with pipeline_step(rollout) as settings:
+        ran = platform == "kubernetes" and canary_steps.strip() and record.get("outcome") == "challenger"
+        metrics.log_metric("canary_ran", float(bool(ran)))
+        if ran:
+            from fraud_common.registry import open_registry, rollout as rules
+            from fraud_common.registry.serving import snapshot_of
+            from pipeline.k8s import challenger_service_name, kubernetes_apis, launch_inference_service, run_graph_canary
+
+            registry, name = open_registry(settings), record["model_name"]
+            version = record["challenger"]
+            policy = rules.CanaryPolicy(steps=rules.parse_steps(canary_steps), step_seconds=30.0,
+                                        step_timeout_seconds=900.0, min_requests=100)
+            rules.start(registry, name, version, policy, rules.ACTOR)
+            challenger = registry.get_version(name, version)
+            isvc = challenger_service_name(service_name, version)
+            launch_inference_service(settings, namespace, isvc, predictor_image, name, version, serve_timeout_seconds,
+                                     feast_snapshot_uri=snapshot_of(challenger))
+            api, _ = kubernetes_apis()
+            passed, results = run_graph_canary(api, namespace, service_name, (service_name, record["model_version"]),
+                                               (isvc, version), policy)
+            for result in results:
+                rules.record_step(registry, name, version, result)
+                for check in result.checks:
+                    metrics.log_metric(f"step_{result.percent}_{check.name}", float(check.value))
+                metrics.log_metric(f"step_{result.percent}_passed", float(result.passed))
+            if passed:
+                champion = rules.finish_promoted(registry, name, version, rules.ACTOR)
+                record.update(outcome="promoted", model_version=champion.version, artifact_uri=champion.artifact_uri,
+                              registered_model_id=champion.registered_model_id, model_version_id=champion.version_id,
+                              feast_snapshot_uri=snapshot_of(champion), canary_service=isvc)
+            else:
+                reason = "; ".join(r.reason for r in results if not r.passed)
+                rules.finish_rolled_back(registry, name, version, rules.ACTOR, reason)
+                record.update(outcome="rolled_back", reason=reason)
+        with open(rollout.path, "w") as handle:
+            json.dump(record, handle, indent=2)
+        rollout.metadata.update(record)
+    if record.get("outcome") == "rolled_back":
+        raise RuntimeError(f"canary of {record['challenger']} rolled back: {record['reason']}")
 
 
 @dsl.component(base_image=image("pipeline"), **_COMMON)
@@ -297,7 +387,10 @@ def serve(
 
     name = registered_model.metadata["model_name"]
     version = registered_model.metadata["model_version"]
-    snapshot = storage_uri(feature_store.uri)
+    # The served version's own store (recorded at registration); this run's only for a version
+    # from before such records. A run whose challenger was not promoted deploys the champion
+    # with the champion's store, never this run's.
+    snapshot = registered_model.metadata.get("feast_snapshot_uri") or storage_uri(feature_store.uri)
     with tempfile.TemporaryDirectory(prefix="feast-check-") as feast_dir, pipeline_step(endpoint) as settings:
         if platform == "local":
             from rest_predictor.predictor import check_loadable
@@ -328,6 +421,12 @@ def serve(
                 registered_model_id=registered_model.metadata.get("registered_model_id", ""),
                 model_version_id=registered_model.metadata.get("model_version_id", ""),
             )
+            canary_service = registered_model.metadata.get("canary_service", "")
+            if canary_service:
+                from pipeline.k8s import finish_graph_canary
+
+                # The service now runs the promoted version: the router back on it, the canary's gone.
+                finish_graph_canary(namespace, service_name, canary_service)
         record = {"url": url, "model_name": name, "model_version": version, "feast_snapshot_uri": snapshot}
         with open(endpoint.path, "w") as handle:
             json.dump(record, handle, indent=2)

@@ -15,6 +15,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.components import (  # noqa: E402
+    canary,
     feature_engineering,
     prepare_data,
     evaluate_against_champion,
@@ -71,8 +72,9 @@ def fraud_detection_pipeline(
     spark_executor_memory: str = CLUSTER.spark_executor_memory,
     spark_timeout_seconds: int = CLUSTER.spark_timeout_seconds,
     serve_timeout_seconds: int = CLUSTER.serve_timeout_seconds,
+    canary_steps: str = CLUSTER.canary_steps,
 ) -> None:
-    """Prepare → features → training set → train → register → serve; the data flows in typed artifacts.
+    """Prepare → features → training set → train → register → gates → canary → serve; data flows in typed artifacts.
 
     Every parameter but ``platform`` is a setting of the same name (fraud_common.settings).
     """
@@ -112,6 +114,8 @@ def fraud_detection_pipeline(
             min_roc_auc=min_roc_auc,
             run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
             model=trained.outputs["model"],
+            feature_store=features.outputs["feature_store"],
+            training_set=training_set.outputs["training_set"],
         ).set_display_name("gate and register"),
         needs_registry=True,
     )
@@ -121,9 +125,23 @@ def fraud_detection_pipeline(
             min_roc_auc=min_roc_auc,
             require_approval=False,
             approval_timeout_seconds=3600,
+            platform=platform,
+            canary_steps=canary_steps,
             training_set=training_set.outputs["training_set"],
             registered_model=registered.outputs["registered_model"],
         ).set_display_name("evaluate against champion"),
+        needs_registry=True,
+    )
+    rolled_out = _wire_settings(
+        canary(
+            platform=platform,
+            namespace=namespace,
+            service_name=service_name,
+            predictor_image=predictor_image,
+            serve_timeout_seconds=serve_timeout_seconds,
+            canary_steps=canary_steps,
+            decision=decided.outputs["decision"],
+        ).set_display_name("canary (InferenceGraph)"),
         needs_registry=True,
     )
     _wire_settings(
@@ -133,7 +151,7 @@ def fraud_detection_pipeline(
             service_name=service_name,
             predictor_image=predictor_image,
             serve_timeout_seconds=serve_timeout_seconds,
-            registered_model=decided.outputs["decision"],
+            registered_model=rolled_out.outputs["rollout"],
             feature_store=features.outputs["feature_store"],
         ).set_display_name("serve (KServe)"),
         needs_registry=True,

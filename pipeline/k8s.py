@@ -729,3 +729,215 @@ def launch_inference_service(
         ),
     )
     return deploy_inference_service(api, body, timeout_seconds, apps_api=apps_api, **wait_options)
+
+
+# ---------------------------------------------------------------- canary: an InferenceGraph Splitter
+#
+# Why a Splitter: on KServe 0.21 in Standard mode (no Knative), an InferenceService's
+# canaryTrafficPercent does nothing (it needs Knative revisions) and spec.canary needs Gateway API
+# HTTPRoutes; an InferenceGraph with a Splitter root node is served by KServe's own router
+# Deployment and needs neither. One InferenceService per version (the champion keeps the
+# service's name; the challenger gets ``challenger_service_name``), the graph ``<service>-router``
+# weighs them. Standard mode keeps no revisions: a rollback re-applies the champion's spec, here
+# the graph's weights back to 100 % champion (the champion's InferenceService never changed).
+
+IG_GROUP, IG_API_VERSION, IG_PLURAL = "serving.kserve.io", "v1alpha1", "inferencegraphs"
+PREDICT_ROUTE = "/v1/models/onnx-model:predict"
+
+
+def challenger_service_name(service_name: str, model_version: str) -> str:
+    """The InferenceService of a challenger version (``<service>-c-<hash of the version>``)."""
+    digest = hashlib.sha1(model_version.encode()).hexdigest()[:8]
+    return kubernetes_name(service_name, "c", digest)
+
+
+def router_name(service_name: str) -> str:
+    """The InferenceGraph that splits traffic between champion and challenger."""
+    return kubernetes_name(service_name, "router")
+
+
+def predictor_service_url(isvc_name: str, namespace: str, path: str = PREDICT_ROUTE) -> str:
+    """The in-cluster URL of an InferenceService's predictor (Standard mode: ``<isvc>-predictor`` Service, port 80)."""
+    return f"http://{isvc_name}-predictor.{namespace}.svc.cluster.local{path}"
+
+
+def inference_graph(
+    name: str, namespace: str, champion_isvc: str, challenger_isvc: str = "", challenger_percent: int = 0,
+    labels: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """A ``serving.kserve.io/v1alpha1`` InferenceGraph whose root Splitter weighs champion and challenger.
+
+    The router posts each request to one step's ``serviceUrl`` as it came (the predictor's v1
+    predict route); the weights of a Splitter are percentages and sum to 100.
+    """
+    percent = int(challenger_percent)
+    if not 0 <= percent <= 100 or (percent and not challenger_isvc):
+        raise ValueError(f"challenger share {challenger_percent!r} must be 0..100, with a challenger service for > 0")
+    steps = [{"name": "champion", "serviceUrl": predictor_service_url(champion_isvc, namespace), "weight": 100 - percent}]
+    if challenger_isvc and percent:
+        steps.append({"name": "challenger", "serviceUrl": predictor_service_url(challenger_isvc, namespace),
+                      "weight": percent})
+    return {
+        "apiVersion": f"{IG_GROUP}/{IG_API_VERSION}",
+        "kind": "InferenceGraph",
+        "metadata": {
+            "name": name, "namespace": namespace,
+            "labels": {**project_labels("router"), **(labels or {})},
+            "annotations": {DEPLOYMENT_MODE_ANNOTATION: DEPLOYMENT_MODE},
+        },
+        "spec": {"nodes": {"root": {"routerType": "Splitter", "steps": steps}}},
+    }
+
+
+def apply_inference_graph(api: Any, body: dict[str, Any], log: logging.Logger = _log) -> None:
+    """Create the InferenceGraph, or replace its spec (a merge patch replaces the steps list whole)."""
+    namespace, name = _name_of(body)
+    ref = (IG_GROUP, IG_API_VERSION, namespace, IG_PLURAL)
+    try:
+        api.get_namespaced_custom_object(*ref, name)
+    except ApiException as err:
+        if err.status != 404:
+            raise
+        api.create_namespaced_custom_object(*ref, body)
+        log.info("InferenceGraph %s/%s created", namespace, name)
+        return
+    api.patch_namespaced_custom_object(*ref, name, {"metadata": {"labels": body["metadata"]["labels"]}, "spec": body["spec"]})
+    weights = {s["name"]: s["weight"] for s in body["spec"]["nodes"]["root"]["steps"]}
+    log.info("InferenceGraph %s/%s weights %s", namespace, name, weights)
+
+
+_SAMPLE = re.compile(r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)')
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def parse_metrics(text: str) -> dict[tuple[str, frozenset], float]:
+    """Prometheus text exposition → {(sample name, labels): value} (comments skipped)."""
+    samples: dict[tuple[str, frozenset], float] = {}
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if match and not line.startswith("#"):
+            labels = frozenset(_LABEL.findall(match.group("labels") or ""))
+            samples[(match.group("name"), labels)] = float(match.group("value"))
+    return samples
+
+
+def _series(samples: Mapping[tuple[str, frozenset], float], name: str, **labels: str) -> dict[frozenset, float]:
+    want = set(labels.items())
+    return {key[1]: value for key, value in samples.items() if key[0] == name and want <= set(key[1])}
+
+
+def _delta(before: Mapping, after: Mapping, name: str, **labels: str) -> dict[frozenset, float]:
+    old = _series(before, name, **labels)
+    return {key: value - old.get(key, 0.0) for key, value in _series(after, name, **labels).items()}
+
+
+def _buckets(before: Mapping, after: Mapping, name: str, version: str) -> list[tuple[float, float]]:
+    """(upper bound, cumulative count during the step) of a histogram, ascending."""
+    out = []
+    for key, count in _delta(before, after, f"{name}_bucket", model_version=version).items():
+        upper = dict(key)["le"]
+        out.append((float("inf") if upper == "+Inf" else float(upper), count))
+    return sorted(out)
+
+
+def histogram_quantile(buckets: list[tuple[float, float]], q: float) -> float:
+    """The upper bound of the first bucket holding the q-quantile (what a bucketed p99 can say)."""
+    total = buckets[-1][1] if buckets else 0.0
+    for upper, cumulative in buckets:
+        if total and cumulative >= q * total:
+            return upper
+    return float("nan")
+
+
+def binned_distance(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
+    """Wasserstein-1 distance of two score histograms on the same [0, 1] bucket bounds."""
+    if not a or not b or not a[-1][1] or not b[-1][1]:
+        return float("nan")
+    distance, lower = 0.0, 0.0
+    for (upper, ca), (_, cb) in zip(a, b):
+        if upper == float("inf"):
+            break
+        distance += abs(ca / a[-1][1] - cb / b[-1][1]) * (upper - lower)
+        lower = upper
+    return distance
+
+
+def step_stats_from_metrics(before: Mapping[str, Mapping], after: Mapping[str, Mapping], champion: str,
+                            challenger: str, percent: int, seconds: float) -> Any:
+    """A canary step's figures from the two predictors' ``/metrics`` before and after it.
+
+    ``before``/``after`` map "champion"/"challenger" to ``parse_metrics`` output. Each predictor
+    counts its own requests and errors (``fraud_model_requests_total``), times its scoring
+    (``fraud_model_scoring_seconds``) and histograms its scores (``fraud_model_score``); the
+    router sends them the same traffic at random, so their score histograms are comparable.
+    """
+    from fraud_common.registry.rollout import StepStats, VersionStats
+
+    def version_stats(side: str, version: str) -> VersionStats:
+        counts = _delta(before[side], after[side], "fraud_model_requests_total", model_version=version)
+        requests = int(sum(counts.values()))
+        errors = int(sum(v for k, v in counts.items() if ("outcome", "error") in k))
+        p99 = histogram_quantile(_buckets(before[side], after[side], "fraud_model_scoring_seconds", version), 0.99)
+        return VersionStats(requests, errors, 0.0 if p99 != p99 else p99 * 1000)
+
+    distance = binned_distance(_buckets(before["challenger"], after["challenger"], "fraud_model_score", challenger),
+                               _buckets(before["champion"], after["champion"], "fraud_model_score", champion))
+    return StepStats(percent=percent, seconds=seconds, champion=version_stats("champion", champion),
+                     challenger=version_stats("challenger", challenger), score_distance=distance)
+
+
+def scrape(url: str, timeout: float = 10.0) -> str:
+    """A predictor's ``/metrics`` text."""
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return response.read().decode()
+
+
+def run_graph_canary(
+    api: Any, namespace: str, service_name: str, champion: tuple[str, str], challenger: tuple[str, str],
+    policy: Any, read_metrics: Callable[[str], str] = scrape, sleep: Sleep = time.sleep, clock: Clock = time.monotonic,
+    log: logging.Logger = _log,
+) -> tuple[bool, list[Any]]:
+    """Step the router's weights to the challenger; back to 100 % champion on the first failed check.
+
+    ``champion``/``challenger``: (InferenceService name, model version). Returns (all passed,
+    the ``StepResult`` of each step); the caller records them and moves the registry's aliases.
+    """
+    from fraud_common.registry.rollout import check_step
+
+    graph = router_name(service_name)
+    urls = {side: predictor_service_url(isvc, namespace, "/metrics")
+            for side, (isvc, _) in (("champion", champion), ("challenger", challenger))}
+    results = []
+    for percent in policy.steps:
+        apply_inference_graph(api, inference_graph(graph, namespace, champion[0], challenger[0], percent), log)
+        before = {side: parse_metrics(read_metrics(url)) for side, url in urls.items()}
+        started = clock()
+        while True:
+            sleep(max(policy.step_seconds, 1.0))
+            after = {side: parse_metrics(read_metrics(url)) for side, url in urls.items()}
+            stats = step_stats_from_metrics(before, after, champion[1], challenger[1], percent, clock() - started)
+            if stats.challenger.requests >= policy.min_requests or clock() - started >= policy.step_timeout_seconds:
+                break
+        result = check_step(stats, policy)
+        results.append(result)
+        log.info("canary step %d %%: %s", percent, "passed" if result.passed else result.reason)
+        if not result.passed:
+            # Standard mode keeps no revisions: re-apply the champion-only graph.
+            apply_inference_graph(api, inference_graph(graph, namespace, champion[0]), log)
+            return False, results
+    return True, results
+
+
+def finish_graph_canary(namespace: str, service_name: str, canary_service: str, api: Any = None,
+                        log: logging.Logger = _log) -> None:
+    """After the promoted version rolled out under the service's name: 100 % on it, the canary's service deleted."""
+    if api is None:
+        api, _ = kubernetes_apis()
+    apply_inference_graph(api, inference_graph(router_name(service_name), namespace, service_name), log)
+    try:
+        api.delete_namespaced_custom_object(KSERVE_GROUP, KSERVE_API_VERSION, namespace, KSERVE_PLURAL, canary_service)
+    except ApiException as err:
+        if err.status != 404:
+            raise

@@ -76,8 +76,9 @@ from starlette.exceptions import HTTPException
 from fraud_common import history, schemas
 from fraud_common.logs import get_logger, setup_logging
 from fraud_common.registry import ModelRegistry, open_registry
+from fraud_common.registry.serving import feature_settings
 from fraud_common.settings import Settings
-from rest_predictor import metrics
+from rest_predictor import canary, metrics
 from rest_predictor.errors import (
     BatchTooLarge,
     ClientErrorLogFilter,
@@ -87,7 +88,7 @@ from rest_predictor.errors import (
     http_error_handler,
     validation_error_handler,
 )
-from rest_predictor.model_artifact import LoadedModel, fetch_artifact, open_session, resolve_version
+from rest_predictor.model_artifact import LoadedModel, resolve_version
 from rest_predictor.online_features import FEATURE_READS, OnlineFeatureReader
 from rest_predictor.history_store import (
     AsyncRedisHistory,
@@ -160,17 +161,24 @@ class FraudPredictor(kserve.Model):
         self.history: HistoryStore | None = None
         self.async_history: AsyncRedisHistory | None = None  # the event loop's client of a Redis store
         self._columns: list[int] = []  # model input position -> position in schemas.MODEL_FEATURES
+        self.traffic: canary.TrafficSplit | None = None  # champion and, during a canary, challenger
+        self.control: canary.CanaryControl | None = None  # the loopback control routes' logic
+
+    def _registry(self) -> ModelRegistry:
+        if self.registry is None:
+            self.registry = open_registry(self.settings)
+        return self.registry
 
     def load(self) -> bool:
-        """Resolve, fetch and open the model and the feature store; ready only if both work."""
+        """Resolve, fetch and open the model and the feature store; ready only if both work.
+
+        The store is the one the version was registered with (``fraud_common.registry.serving``),
+        in a folder of this predictor's own: later pipeline runs do not touch what it reads.
+        """
         self.ready = False
-        registry = self.registry if self.registry is not None else open_registry(self.settings)
-        version = resolve_version(registry, self.settings)
-        artifact = fetch_artifact(version.artifact_uri, self.settings, self.settings.home / "serving-cache")
-        model = open_session(artifact, version)
-        features = OnlineFeatureReader.open(self.settings, model.feature_names, self.feature_read)
-        features.probe()
-        model.score(np.zeros((1, len(model.feature_names)), dtype=np.float32))  # the session answers
+        version = resolve_version(self._registry(), self.settings)
+        served = canary.open_version(self.settings, version, self.feature_read, with_store=True)
+        model, features = served.model, served.features
         try:
             history_store = open_history_store(self.settings)
             seed_from_prepared(history_store, self.settings)
@@ -179,17 +187,26 @@ class FraudPredictor(kserve.Model):
             raise PredictorLoadError(f"the card history store cannot be used: {err}") from err
         if sorted(model.feature_names) != sorted(schemas.MODEL_FEATURES):
             raise PredictorLoadError(f"model takes {model.feature_names}; transactions give {list(schemas.MODEL_FEATURES)}")
-        self._columns = [schemas.MODEL_FEATURES.index(name) for name in model.feature_names]
-        self.model, self.features, self.history = model, features, history_store
+        self.history = history_store
+        self.use_champion(served)
+        self.traffic = canary.TrafficSplit(served, canary.Fault.from_settings(self.settings))
+        self.control = canary.CanaryControl(self.settings, self._registry, self.feature_read, self.traffic,
+                                            self.use_champion)
+        canary.watch_registry(self._registry, self.settings.model_name)
         if isinstance(history_store, RedisHistoryStore):
             self.async_history = AsyncRedisHistory(history_store.url)
         self.ready = True
         log.info(
             "serving model %s version %s (%s), threshold %.4f, features from %s (%s)",
-            model.model_name, model.version, model.artifact_uri, model.threshold, self.settings.feast_dir,
-            type(features).__name__,
+            model.model_name, model.version, model.artifact_uri, model.threshold,
+            feature_settings(self.settings, version).feast_dir, type(features).__name__,
         )
         return self.ready
+
+    def use_champion(self, served: "canary.ServedVersion") -> None:
+        """Serve ``served``'s model and store from the next request on (one assignment each, on the loop)."""
+        self._columns = [schemas.MODEL_FEATURES.index(name) for name in served.model.feature_names]
+        self.model, self.features = served.model, served.features
 
     def preprocess(self, payload: dict | bytes | InferRequest, headers: dict[str, str] | None = None) -> Scoring:
         """Parse the v1 body or v2 ``InferRequest`` and read the users' features (one online read).
@@ -311,9 +328,10 @@ class FraudPredictor(kserve.Model):
 
     def predict(self, payload: Scoring, headers: dict[str, str] | None = None) -> Any:
         """Score the preprocessed users and answer in the request's form (v1 dict or v2 ``InferResponse``)."""
-        model = self.model
-        assert model is not None, "predict called before load"
-        scores = model.score(payload.features)
+        traffic = self.traffic
+        assert traffic is not None, "predict called before load"
+        # The champion, or the challenger for its share of a canary (rest_predictor.canary).
+        scores, model = traffic.score(payload.features, payload.user_ids)
         metrics.SCORED_USERS.inc(len(payload.user_ids))
         if payload.v2_request is not None:
             return v2_response(payload.v2_request, scores, model.threshold, self.name, model.version)
@@ -355,6 +373,7 @@ def build_server(settings: Settings, predictor: FraudPredictor | None = None) ->
     app.add_middleware(StrictJsonMiddleware)
     if predictor is not None:
         add_push_route(app, predictor)
+        canary.add_canary_routes(app, lambda: predictor.control)
     app.add_middleware(metrics.RequestMetricsMiddleware)  # added last = outermost: counts the guard's 400s too
     return server
 

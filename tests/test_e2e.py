@@ -120,7 +120,11 @@ def test_every_artifact_of_the_run_holds_its_data(first_run: subprocess.Complete
     versions = open_registry(settings).list_versions(settings.model_name)
     assert registered["model_version"] == versions[0].version
     endpoint = json.loads(Path(outputs["endpoint"]["uri"]).read_text())
-    assert endpoint["feast_snapshot_uri"] == str(store)
+    # The served store is the version's own copy of this run's snapshot (recorded at registration).
+    recorded = versions[0].metadata["serving"]["features"]["snapshot_uri"]
+    assert endpoint["feast_snapshot_uri"] == recorded == registered["feast_snapshot_uri"]
+    assert all((Path(recorded) / name).read_bytes() == (store / name).read_bytes()
+               for name in ("registry.db", "online_store.db"))
 
 
 def _predict(url: str, body: object) -> requests.Response:

@@ -286,3 +286,37 @@ def test_the_scenario_leaves_the_same_records_in_both_backends(
 
     assert comparable(local) == comparable(kubeflow)
     assert [r.status for r in comparable(kubeflow)[0]] == ["archived", "champion", "refused"]
+
+
+def test_shadow_gate_scores_served_traffic_when_the_predictor_logs_it(scenario: Scenario, tmp_path: Path) -> None:
+    """With a prediction log, the flip rate is measured on the logged requests' features, not the test set."""
+    from fraud_common.prediction_log import PredictionLogConfig, PredictionLogWriter
+    from fraud_common.settings import Settings
+
+    settings = Settings.from_env({"FRAUD_HOME": str(tmp_path / "home")})
+    names = ["a", "b", "c"]
+    log_uri = str(tmp_path / "prediction-log")
+    assert governance.served_rows(log_uri, settings, names) is None  # nothing logged: the test set is used
+    # Served traffic unlike the test rows: every card sits where the two models disagree most.
+    served = np.tile(np.array([[1.5, 0.5, 2.0]], dtype=np.float32), (300, 1))
+    with PredictionLogWriter(PredictionLogConfig(uri=log_uri), settings, names) as writer:
+        for i in range(0, 300, 30):
+            rows = served[i:i + 30]
+            writer.append(f"r{i}", [f"user_{j}" for j in range(i, i + 30)], rows, np.zeros(30, np.float32),
+                          np.zeros(30, bool), MODEL, "v1", 0.001)
+    rows = governance.served_rows(log_uri, settings, names)
+    assert rows is not None and rows.shape == (300, 3) and np.allclose(rows, served)
+
+    scenario.register("v1", TRUE_WEIGHTS)
+    scenario.evaluate("v1")
+    scenario.register("v2", [3.0, 2.0, 0.0])  # ignores the third feature: flags these cards, v1 does not
+    report = governance.evaluate_against_champion(
+        scenario.registry, MODEL, "v2", scenario.features, scenario.labels, lambda uri: Path(uri).read_bytes(),
+        POLICY, served=rows,
+    )
+    shadow = {r.gate: r for r in report.results}["shadow_disagreement"]
+    assert "300 rows of the served traffic" in shadow.detail and shadow.value == 1.0 and not shadow.passed
+    on_test = governance.evaluate_against_champion(
+        scenario.registry, MODEL, "v2", scenario.features, scenario.labels, lambda uri: Path(uri).read_bytes(), POLICY,
+    )
+    assert "rows of the test set" in {r.gate: r for r in on_test.results}["shadow_disagreement"].detail

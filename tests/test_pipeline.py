@@ -37,7 +37,7 @@ def test_every_step_runs_in_its_own_image(compiled: tuple[str, list[dict]]) -> N
     assert images["prepare-data"] == image("pipeline")
     assert images["feature-engineering"] == images["retrieve-features"] == image("feature-engineering")
     assert images["train-model"] == images["register-model"] == images["evaluate-against-champion"] == image("train")
-    assert images["serve"] == image("pipeline")
+    assert images["serve"] == images["canary"] == image("pipeline")
     defaults = spec["root"]["inputDefinitions"]["parameters"]
     assert defaults["spark_image"]["defaultValue"] == image("data-preparation")
     assert defaults["predictor_image"]["defaultValue"] == image("rest-predictor")
@@ -56,6 +56,7 @@ OUTPUTS = {
     },
     "register-model": {"registered_model": "system.Artifact"},
     "evaluate-against-champion": {"decision": "system.Artifact", "gates": "system.Metrics"},
+    "canary": {"rollout": "system.Artifact", "metrics": "system.Metrics"},
     "serve": {"endpoint": "system.Artifact"},
 }
 INPUTS = {
@@ -63,13 +64,18 @@ INPUTS = {
     "feature-engineering": {"prepared": ("prepare-data", "prepared")},
     "retrieve-features": {"prepared": ("prepare-data", "prepared"), "feature_store": ("feature-engineering", "feature_store")},
     "train-model": {"training_set": ("retrieve-features", "training_set")},
-    "register-model": {"model": ("train-model", "model")},
+    "register-model": {
+        "model": ("train-model", "model"),
+        "feature_store": ("feature-engineering", "feature_store"),
+        "training_set": ("retrieve-features", "training_set"),
+    },
     "evaluate-against-champion": {
         "training_set": ("retrieve-features", "training_set"),
         "registered_model": ("register-model", "registered_model"),
     },
+    "canary": {"decision": ("evaluate-against-champion", "decision")},
     "serve": {
-        "registered_model": ("evaluate-against-champion", "decision"),
+        "registered_model": ("canary", "rollout"),
         "feature_store": ("feature-engineering", "feature_store"),
     },
 }

@@ -31,7 +31,7 @@ import numpy as np
 from sklearn.metrics import average_precision_score, brier_score_loss, precision_recall_curve, roc_auc_score
 
 from fraud_common.logs import get_logger
-from fraud_common.registry import lifecycle
+from fraud_common.registry import lifecycle, rollout
 from fraud_common.registry.base import CHALLENGER, CHAMPION, ModelRegistry, ModelVersion
 from fraud_common.settings import Settings
 from train.gate import QualityGateError
@@ -152,11 +152,12 @@ def disagreement_gate(rate: float, policy: GatePolicy, rows: int, source: str = 
 
 
 def latency_gate(challenger_p99_ms: float, champion_p99_ms: float, policy: GatePolicy) -> GateResult:
-    """The challenger's p99 (same load, same predictor) within ``max_latency_factor`` of the champion's."""
-    if not (champion_p99_ms > 0 and challenger_p99_ms >= 0):
-        raise ValueError(f"latency p99s must be positive, got {challenger_p99_ms} and {champion_p99_ms}")
-    return _check("latency_p99", challenger_p99_ms, champion_p99_ms * policy.max_latency_factor, False,
-                  champion_p99_ms, f"p99 latency ms (factor {policy.max_latency_factor})")
+    """The challenger's p99 (same load, same predictor) within ``max_latency_factor`` of the champion's.
+
+    One definition with the canary's latency gate (``fraud_common.registry.rollout.latency_result``),
+    which the predictor's measurement feeds.
+    """
+    return GateResult(**rollout.latency_result(challenger_p99_ms, champion_p99_ms, policy.max_latency_factor))
 
 
 def rows_fingerprint(features: np.ndarray, labels: np.ndarray) -> str:
@@ -256,11 +257,14 @@ def evaluate_against_champion(
     read_artifact: Callable[[str], bytes],
     policy: GatePolicy,
     latency_p99_ms: tuple[float, float] | None = None,
+    served: np.ndarray | None = None,
 ) -> GateReport:
     """Score challenger and champion on the same test rows and run every gate.
 
     ``read_artifact`` returns a model file's bytes from its URI; ``latency_p99_ms`` is
     (challenger, champion) measured by the predictor under the same load, when available.
+    ``served``: feature rows of recent served traffic (``served_rows``); the shadow
+    disagreement is measured on them when there are any, else on the test rows.
     """
     challenger = registry.get_version(model_name, version)
     champion = current_champion(registry, model_name, version)
@@ -280,9 +284,16 @@ def evaluate_against_champion(
                              "operating_precision": operating_precision}
     results = quality_gates(figures["challenger"], champion_figures, policy)
     if champion is not None:
-        rate = flip_rate(champion_scores, champion.threshold, challenger_scores, challenger.threshold)
+        if served is not None and len(served):
+            shadow_rows, source = np.asarray(served, dtype=np.float32), "served traffic"
+            rate = flip_rate(score_onnx(read_artifact(champion.artifact_uri), shadow_rows), champion.threshold,
+                             score_onnx(read_artifact(challenger.artifact_uri), shadow_rows), challenger.threshold)
+        else:
+            shadow_rows, source = features, "test set"
+            rate = flip_rate(champion_scores, champion.threshold, challenger_scores, challenger.threshold)
         figures["challenger"]["flip_rate"] = rate
-        results.append(disagreement_gate(rate, policy, len(labels)))
+        figures["challenger"]["shadow_rows"] = float(len(shadow_rows))
+        results.append(disagreement_gate(rate, policy, len(shadow_rows), source))
         if latency_p99_ms is not None:
             results.append(latency_gate(*latency_p99_ms, policy))
     report = GateReport(
@@ -296,6 +307,27 @@ def evaluate_against_champion(
     log.info("gates of %s against %s: %s%s", version, report.champion or "(no champion)",
              PASSED if report.passed else REFUSED, f" ({report.reason})" if report.reason else "")
     return report
+
+
+def served_rows(log_uri: str, settings: Settings, feature_names: list[str], hours: float = 24.0,
+                max_rows: int = 50_000) -> np.ndarray | None:
+    """The model inputs of the latest ``max_rows`` requests the predictor logged in the last ``hours``.
+
+    None when there is no log (``log_uri`` empty, or nothing logged): the shadow gate then uses
+    the test rows. Rows are in ``feature_names`` order (the model input order).
+    """
+    if not log_uri:
+        return None
+    from datetime import timedelta
+
+    from fraud_common.prediction_log import SCORED_AT, read_log
+
+    end = datetime.now(timezone.utc)
+    table = read_log(log_uri, settings, end - timedelta(hours=hours), end, columns=list(feature_names))
+    if not table.num_rows or any(name not in table.column_names for name in feature_names):
+        return None
+    table = table.sort_by([(SCORED_AT, "descending")]).slice(0, max_rows)
+    return np.column_stack([table[name].to_numpy(zero_copy_only=False) for name in feature_names]).astype(np.float32)
 
 
 @dataclass(frozen=True)

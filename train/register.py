@@ -20,6 +20,7 @@ import pandas as pd
 from fraud_common import storage
 from fraud_common.logs import get_logger
 from fraud_common.registry import ModelVersion, open_registry
+from fraud_common.registry.serving import serving_record, store_snapshot, version_store_uri
 from fraud_common.settings import Settings
 from train.gate import check_gate
 
@@ -58,8 +59,13 @@ def register_model(
     data_fingerprint: str,
     run_id: str,
     code_version: str,
+    serving: Mapping | None = None,
 ) -> ModelVersion:
-    """Record an already uploaded model; refuses (``QualityGateError``) below ``settings.min_roc_auc``."""
+    """Record an already uploaded model; refuses (``QualityGateError``) below ``settings.min_roc_auc``.
+
+    ``serving`` (``fraud_common.registry.serving.serving_record``): the feature store snapshot and
+    training data the version needs; a predictor serves the version with exactly that store.
+    """
     check_gate(metrics, settings.min_roc_auc)
     version = version_name(run_id)
     record = {
@@ -72,6 +78,8 @@ def register_model(
         "passed_gate": True,
         "quality_bar": float(settings.min_roc_auc),
     }
+    if serving:
+        record["serving"] = dict(serving)
     registry = open_registry(settings)
     registered = registry.register(
         model_name=settings.model_name,
@@ -101,8 +109,15 @@ def publish_model(
     data_fingerprint: str,
     run_id: str,
     code_version: str,
+    feature_store_dir: Path | None = None,
+    training_data: Mapping | None = None,
 ) -> ModelVersion:
-    """The whole register step: gate, upload ``model_path`` to ``settings.models_uri``, register."""
+    """The whole register step: gate, upload ``model_path`` to ``settings.models_uri``, register.
+
+    With ``feature_store_dir`` (the run's Feast snapshot) the snapshot is copied beside the model
+    and recorded on the version with ``training_data`` (its URI, rows, time range): what the
+    version is served with once promoted, untouched by later runs.
+    """
     check_gate(metrics, settings.min_roc_auc)  # before uploading anything
     model_path = Path(model_path)
     if not model_path.is_file():
@@ -110,8 +125,13 @@ def publish_model(
     uri = model_artifact_uri(settings, run_id)
     storage.write_bytes(uri, model_path.read_bytes(), settings)
     log.info("uploaded %s to %s", model_path, uri)
+    serving = None
+    if feature_store_dir is not None:
+        snapshot = store_snapshot(feature_store_dir, version_store_uri(uri), settings)
+        serving = serving_record(snapshot, list(feature_names), data_fingerprint, training_data or {})
+        log.info("stored the version's feature store snapshot at %s", snapshot)
     return register_model(
-        settings, uri, metrics, threshold, feature_names, data_fingerprint, run_id, code_version
+        settings, uri, metrics, threshold, feature_names, data_fingerprint, run_id, code_version, serving
     )
 
 
