@@ -32,8 +32,11 @@ def monitoring_root(settings: Settings) -> str:
 
 
 def default_uris(settings: Settings) -> dict[str, str]:
+    """Default locations: the log the predictor writes (``FRAUD_PREDICTION_LOG_URI``), labels and reports."""
+    from fraud_common.prediction_log import default_log_uri
+
     root = monitoring_root(settings)
-    return {name: storage.join(root, name) for name in ("predictions", "labels", "reports")}
+    return {"predictions": default_log_uri(settings), **{name: storage.join(root, name) for name in ("labels", "reports")}}
 
 
 def parse_time(text: str) -> datetime:

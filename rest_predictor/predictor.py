@@ -19,6 +19,9 @@ Wire formats
   "model_name": ..., "model_version": ...}``; rows in request order, duplicates allowed, at most
   ``FRAUD_MAX_BATCH_SIZE`` ids. ``prediction`` is always the model's ``[n, 1]`` output and
   ``fraud`` is ``prediction >= threshold`` (the threshold stored with the model).
+  Every answer also carries ``request_id`` (v2: the response ``id``): the caller's
+  ``X-Request-Id`` (or v2 request ``id``) if given, else a new one; scored requests are appended
+  to the prediction log under it (``rest_predictor.served_log``, ``FRAUD_PREDICTION_LOG_*``).
 
 * a new transaction: ``{"user_id": "user_0", "distance_from_home": 12.3,
   "distance_from_last_transaction": 0.4, "ratio_to_median_purchase_price": 1.9,
@@ -119,6 +122,7 @@ from rest_predictor.transactions import (
     v2_output_types,
 )
 from rest_predictor.push import PUSH_PATH
+from rest_predictor.served_log import ServedLog  # monitoring: request ids, metrics, prediction log
 from rest_predictor.request_guard import GuardedDataPlane, StrictJsonMiddleware
 
 log = get_logger(__name__)
@@ -159,6 +163,7 @@ class FraudPredictor(kserve.Model):
         self.history: HistoryStore | None = None
         self.async_history: AsyncRedisHistory | None = None  # the event loop's client of a Redis store
         self._columns: list[int] = []  # model input position -> position in schemas.MODEL_FEATURES
+        self.served_log = ServedLog()  # monitoring: replaced in load
 
     def load(self) -> bool:
         """Resolve, fetch and open the model and the feature store; ready only if both work."""
@@ -180,6 +185,7 @@ class FraudPredictor(kserve.Model):
             raise PredictorLoadError(f"model takes {model.feature_names}; transactions give {list(schemas.MODEL_FEATURES)}")
         self._columns = [schemas.MODEL_FEATURES.index(name) for name in model.feature_names]
         self.model, self.features, self.history = model, features, history_store
+        self.served_log = ServedLog.open(self.settings, model, self.served_log)  # monitoring
         if isinstance(history_store, RedisHistoryStore):
             self.async_history = AsyncRedisHistory(history_store.url)
         self.ready = True
@@ -297,12 +303,20 @@ class FraudPredictor(kserve.Model):
         scores = model.score(payload.features)
         metrics.SCORED_USERS.inc(len(payload.user_ids))
         if payload.v2_request is not None:
-            return v2_response(payload.v2_request, scores, model.threshold, self.name, model.version)
-        if payload.transactions is not None:
-            return v1_transaction_response(
+            response = v2_response(payload.v2_request, scores, model.threshold, self.name, model.version)
+        elif payload.transactions is not None:
+            response = v1_transaction_response(
                 payload.transactions, payload.history_rows, scores, model.threshold, model.model_name, model.version
             )
-        return v1_response(payload.user_ids, payload.batch, scores, model.threshold, model.model_name, model.version)
+        else:
+            response = v1_response(payload.user_ids, payload.batch, scores, model.threshold, model.model_name, model.version)
+        # monitoring: request id, metrics, prediction log
+        return self.served_log.finish(response, payload.user_ids, payload.features, scores, model, payload.v2_request, headers)
+
+    def stop(self) -> None:
+        """kserve's shutdown hook (ModelServer.stop unloads each model): flush the prediction log."""
+        self.served_log.close()  # monitoring
+        super().stop()
 
 
 def _v2(payload: Any) -> InferRequest | None:
