@@ -38,6 +38,8 @@ CLUSTER = Settings.from_env(read_env_file(SETTINGS_ENV))
 # The cluster's log: beside the data root, where the predictor's FRAUD_PREDICTION_LOG_URI points.
 CLUSTER_LOG_URI = f"{CLUSTER.data_uri.rsplit('/', 1)[0]}/monitoring/predictions"
 HOURLY = "0 0 * * * *"
+# The Pushgateway of manifests/monitoring (Service fraud-detection-pushgateway, port 9091).
+PUSHGATEWAY_URL = f"http://fraud-detection-pushgateway.{CLUSTER.namespace}.svc:9091"
 
 
 @dsl.component(base_image=image("monitoring"), install_kfp_package=False)
@@ -47,6 +49,7 @@ def drift_report(
     hours: float,
     psi_alert: float,
     min_rows: int,
+    pushgateway_url: str,
     report: Output[Artifact],
     verdict: Output[Metrics],
 ):
@@ -57,7 +60,7 @@ def drift_report(
     from fraud_common.settings import Settings
     from monitoring.main import EXIT_ERROR, main
 
-    settings = Settings.from_env()
+    settings = Settings.from_env().with_overrides(pushgateway_url=pushgateway_url)
     argv = ["monitor", "--hours", str(hours), "--psi-alert", str(psi_alert), "--min-rows", str(min_rows), "--out", report.path]
     argv += ["--log", log_uri] if log_uri else []
     argv += ["--reference", reference_uri] if reference_uri else []
@@ -78,10 +81,15 @@ def monitoring_pipeline(
     hours: float = 1.0,
     psi_alert: float = 0.25,
     min_rows: int = 500,
+    pushgateway_url: str = PUSHGATEWAY_URL,
 ) -> None:
     """One drift report. ``reference_uri``: the served version's training set (the ``training_set``
-    artifact of the run that trained it; empty: ``<data>/prepared/features``)."""
-    task = drift_report(log_uri=log_uri, reference_uri=reference_uri, hours=hours, psi_alert=psi_alert, min_rows=min_rows)
+    artifact of the run that trained it; empty: ``<data>/prepared/features``). ``pushgateway_url``
+    empty: the verdict is not pushed."""
+    task = drift_report(
+        log_uri=log_uri, reference_uri=reference_uri, hours=hours, psi_alert=psi_alert, min_rows=min_rows,
+        pushgateway_url=pushgateway_url,
+    )
     task.set_display_name("drift report").set_caching_options(False)
     kubernetes.use_config_map_as_env(task, CONFIG_MAP, {key: key for key in env_names(CONFIG)})
     kubernetes.use_secret_as_env(task, S3_SECRET, {key: key for key in env_names(S3_SECRET)})

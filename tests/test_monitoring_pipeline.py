@@ -110,7 +110,7 @@ def test_one_run_under_kfp_local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     reference = write_reference(tmp_path)
     root = tmp_path / "runs"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
-    mp.monitoring_pipeline(reference_uri=reference, log_uri=log_uri, hours=1.0, min_rows=1000)
+    mp.monitoring_pipeline(reference_uri=reference, log_uri=log_uri, hours=1.0, min_rows=1000, pushgateway_url="")
     (result_file,) = root.rglob("result.json")
     result = json.loads(result_file.read_text())
     assert result["drift"] is True and result["drifted_columns"] == ["online_order"] and result["rows"] == 1500
