@@ -75,10 +75,10 @@ def parse_duration(text: str) -> float:
 
 
 def default_reference(settings: Settings) -> str:
-    """The training data of the embedded run: the prepared features (the monitor keeps the train split)."""
-    from fraud_common.schemas import FEATURES_DIR
+    """The training data on one machine: the prepared features (the monitor keeps the train split)."""
+    from monitoring.sources import prepared_features
 
-    return storage.join(settings.prepared_uri, FEATURES_DIR)
+    return prepared_features(settings)
 
 
 def cmd_monitor(args: argparse.Namespace, settings: Settings) -> int:
@@ -169,6 +169,7 @@ def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
     url = args.url or f"http://{settings.serve_host}:{settings.serve_port}"
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     labels = Path(args.labels_out) if args.labels_out else Path(monitoring_root(settings)) / "simulated-labels" / f"{stamp}.csv"
+    began = datetime.now(timezone.utc).replace(microsecond=0)
     result = simulate(url, settings, args.count, args.rate, drift, args.source, labels, args.concurrency, args.seed)
     errors = f", {sum(result.errors.values())} not answered {result.errors}" if result.errors else ""
     print(
@@ -176,6 +177,7 @@ def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
         f"({result.rate:.0f}/s): {result.answered:,} answered, {result.fraud_decisions:,} flagged as fraud{errors}. "
         f"Labels: {result.labels_uri}"
     )
+    print(f"Report on this traffic alone: fraud-detection monitor --start {began.isoformat().replace('+00:00', 'Z')}")
     return EXIT_OK if not result.errors else EXIT_ERROR
 
 
@@ -189,7 +191,7 @@ def add_commands(
     """
     mon = sub.add_parser("monitor", help="drift report of a window of the prediction log (exit 0 no drift, 1 drift, 2 error)")
     mon.add_argument("--reference", help="training reference: Parquet file or folder, local or s3:// "
-                     "(default: the prepared features, $FRAUD_DATA_URI/prepared/features)")
+                     "(default: $FRAUD_DATA_URI/prepared/features, else those of the newest local pipeline run)")
     mon.add_argument("--log", help="prediction log root (default: $FRAUD_HOME/monitoring/predictions)")
     mon.add_argument("--labels", help="label store (default: $FRAUD_HOME/monitoring/labels; used if present)")
     mon.add_argument("--start", help="window start, ISO 8601 (default: --hours before --end)")
@@ -213,7 +215,7 @@ def add_commands(
     sim.add_argument("--count", type=int, default=2000, help="transactions to send (default 2000)")
     sim.add_argument("--rate", type=float, default=100.0, help="requests per second (default 100; 0: as fast as possible)")
     sim.add_argument("--concurrency", type=int, default=4, help="requests in flight at most (default 4)")
-    sim.add_argument("--source", help="prepared features to draw from (default: $FRAUD_DATA_URI/prepared/features)")
+    sim.add_argument("--source", help="prepared features to draw from (default: as monitor's --reference)")
     sim.add_argument("--drift", action="store_true", help="drift the traffic: 90%% online orders, amounts x2.5 "
                      "(unless the options below say otherwise)")
     sim.add_argument("--online-order-share", type=float, help="share of online orders (0-1)")
@@ -222,8 +224,11 @@ def add_commands(
     sim.add_argument("--labels-out", help="label file to write (default: $FRAUD_HOME/monitoring/simulated-labels/<time>.csv)")
     sim.add_argument("--seed", type=int, help="random seed of the drawn traffic")
     for parser, command in ((mon, cmd_monitor), (fb, cmd_feedback), (sim, cmd_simulate)):
-        # ``*_``: the fraud-detection CLI may pass its console as well.
-        parser.set_defaults(func=lambda args, *console, command=command: run(command, args, settings_of, prog, *console))
+        # ``*console``: the fraud-detection CLI may pass its console as well. ``verbose``: these
+        # commands print their own few lines; the CLI must not send them to a step log file.
+        parser.set_defaults(
+            func=lambda args, *console, command=command: run(command, args, settings_of, prog, *console), verbose=True
+        )
 
 
 def run(

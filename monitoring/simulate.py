@@ -38,7 +38,7 @@ from fraud_common import schemas, storage
 from fraud_common.logs import get_logger
 from fraud_common.settings import Settings
 from monitoring.config import MonitorError
-from monitoring.sources import data_files
+from monitoring.sources import data_files, prepared_features
 
 log = get_logger(__name__)
 
@@ -101,8 +101,8 @@ class SimulationResult:
 
 
 def default_source(settings: Settings) -> str:
-    """The prepared features the embedded run wrote (and the model was trained on)."""
-    return storage.join(settings.prepared_uri, schemas.FEATURES_DIR)
+    """The prepared features the served model was trained from (``monitoring.sources.prepared_features``)."""
+    return prepared_features(settings)
 
 
 def read_source(uri: str, settings: Settings) -> pa.Table:
