@@ -8,8 +8,9 @@ Two predictor subprocesses over the same state, both up at once: one writes the 
 off. Load phases alternate between them (which goes first alternates per round, so a change in
 background load weighs on both), at concurrency 1 (p99) and at ``--concurrency`` (throughput),
 with ``bench/bench_serve.py``'s clients (wrk if installed, else aiohttp). The issue's bound: the
-log costs at most 10% on p99 at c1 and on throughput at c16. After the servers stop (SIGTERM, a
-clean shutdown), every answered request of the logging server must be in the log's files.
+log costs at most 10% on p99 at c1 and on throughput at c16. Both servers are restarted every
+round, in alternating order. After each stop (SIGTERM, a clean shutdown), every answered request
+of the logging server must be in the log's files.
 
 Results go to stdout and bench/results/prediction_log.json.
 """
@@ -50,6 +51,40 @@ def start(home: Path, mode: str, log_dir: Path) -> tuple[subprocess.Popen, int]:
     return proc, port
 
 
+def in_process_cost(home: Path, n_users: int, log_dir: Path, rounds: int = 7, calls: int = 2000) -> dict:
+    """CPU microseconds per ``preprocess`` + ``predict`` in this process, with the log's step on and
+    off in turn on one loaded predictor (the median over ``rounds``): the log's own cost on the
+    request path, free of the differences between two server processes."""
+    import random
+    import statistics
+
+    from fraud_common.settings import Settings
+    from rest_predictor.predictor import FraudPredictor
+    from rest_predictor.served_log import ServedLog
+
+    settings = Settings.from_env({"FRAUD_HOME": str(home), "FRAUD_LOG_LEVEL": "WARNING",
+                                  "FRAUD_PREDICTION_LOG_URI": str(log_dir.parent / "in-process")})
+    predictor = FraudPredictor(settings)
+    predictor.load()
+    logging_step, silent_step = predictor.served_log, ServedLog(None)
+    users = [f"user_{random.randrange(n_users)}" for _ in range(calls)]
+    samples: dict[str, list[float]] = {"log_on": [], "log_off": []}
+    for round_no in range(rounds):
+        for mode in (("log_on", "log_off") if round_no % 2 == 0 else ("log_off", "log_on")):
+            predictor.served_log = logging_step if mode == "log_on" else silent_step
+            started = time.process_time()
+            for user in users:
+                predictor.predict(predictor.preprocess({"user_id": user}))
+            samples[mode].append((time.process_time() - started) / calls * 1e6)
+    predictor.served_log = logging_step
+    predictor.stop()  # writes what the on rounds logged (in its writer thread; counted in process_time too)
+    on, off = statistics.median(samples["log_on"]), statistics.median(samples["log_off"])
+    return {"request_cpu_us_log_on": round(on, 1), "request_cpu_us_log_off": round(off, 1),
+            "append_cost_us": round(on - off, 1), "increase": round(on / off - 1, 4),
+            "rounds": {k: [round(v, 1) for v in vals] for k, vals in samples.items()}, "calls_per_round": calls,
+            "rows_written": logging_step.writer.written_rows if logging_step.writer else 0}
+
+
 def logged_rows(log_dir: Path) -> int:
     from fraud_common import prediction_log as plog
     from fraud_common.settings import Settings
@@ -76,39 +111,45 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = Path(tempfile.mkdtemp(prefix="bench-plog-")) / "predictions"
     load_before = os.getloadavg()
     wall = time.perf_counter()
-    procs, ports = {}, {}
+    in_process = in_process_cost(home, n_users, log_dir)
+    print("in process, CPU per request:", json.dumps({k: v for k, v in in_process.items() if k != "rounds"}))
     phases: dict[str, dict[int, list[dict]]] = {m: {1: [], args.concurrency: []} for m in MODES}
-    try:
-        for mode in MODES:
-            procs[mode], ports[mode] = start(home, mode, log_dir)
-        servers = {m: psutil.Process(p.pid) for m, p in procs.items()}
-        warm_rows = {}
-        for mode in MODES:  # warm-up (its requests are logged too)
-            warm = bench_serve.measure(client, ports[mode], n_users, 1, 3, 200, servers[mode])
-            warm_rows[mode] = warm["requests"] - warm["errors"]
-        for round_no in range(args.rounds):
+    answered_on, peak_rss = 0, {m: 0.0 for m in MODES}
+    for round_no in range(args.rounds):
+        # Fresh servers each round, started in alternating order: a first run of this bench with
+        # the two servers kept up found the one started first slower in every round, log or not.
+        order = MODES if round_no % 2 == 0 else MODES[::-1]
+        procs, ports = {}, {}
+        try:
+            for mode in order:
+                procs[mode], ports[mode] = start(home, mode, log_dir)
+            servers = {m: psutil.Process(p.pid) for m, p in procs.items()}
+            for mode in order:  # warm-up (its requests are logged too)
+                warm = bench_serve.measure(client, ports[mode], n_users, 1, 3, 200, servers[mode])
+                answered_on += (warm["requests"] - warm["errors"]) if mode == "log_on" else 0
             for concurrency in (1, args.concurrency):
-                for mode in MODES if round_no % 2 == 0 else MODES[::-1]:
+                for mode in order:
                     result = bench_serve.phase(client, ports[mode], n_users, concurrency, args, servers[mode])
                     phases[mode][concurrency].append(result)
+                    answered_on += (result["requests"] - result["errors"]) if mode == "log_on" else 0
                     print(f"round {round_no + 1} {mode:7s} c{concurrency:<2d}: {result['throughput_rps']} req/s, "
                           f"p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms, server CPU "
                           f"{result['server_cpu_ms_per_request']} ms/request, errors {result['errors']}")
-        peak_rss = {m: bench_serve.peak_rss_mb(p.pid) for m, p in procs.items()}
-    finally:
-        for proc in procs.values():
-            proc.terminate()  # SIGTERM: kserve's clean shutdown, which flushes the log
-        for proc in procs.values():
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            for m, p in procs.items():
+                peak_rss[m] = max(peak_rss[m], bench_serve.peak_rss_mb(p.pid))
+        finally:
+            for proc in procs.values():
+                proc.terminate()  # SIGTERM: kserve's clean shutdown, which flushes the log
+            for proc in procs.values():
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
     summary = {m: {f"concurrency_{c}": bench_serve.summarize(r) for c, r in by_c.items()} for m, by_c in phases.items()}
     hi = f"concurrency_{args.concurrency}"
     off, on = summary["log_off"], summary["log_on"]
     p99_cost = on["concurrency_1"]["p99_ms"] / off["concurrency_1"]["p99_ms"] - 1
     throughput_cost = 1 - on[hi]["throughput_rps"] / off[hi]["throughput_rps"]
-    answered_on = sum(r["requests"] - r["errors"] for c in phases["log_on"].values() for r in c) + warm_rows["log_on"]
     rows = logged_rows(log_dir)
     result = {
         "name": "prediction_log",
@@ -116,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         "client": client,
         "users": n_users,
         "rounds": args.rounds,
+        "in_process": in_process,
         "end_to_end": summary,
         "cost": {
             "p99_c1_increase": round(p99_cost, 4),

@@ -22,6 +22,7 @@ from fraud_common import prediction_log as plog
 from fraud_common.logs import get_logger
 from fraud_common.settings import Settings
 from rest_predictor import metrics
+from rest_predictor.errors import PredictorLoadError
 from rest_predictor.model_artifact import LoadedModel
 from rest_predictor.payloads import REQUEST_ID
 
@@ -59,11 +60,14 @@ class ServedLog:
         if previous is not None:
             previous.close()
         metrics.set_model_info(model.model_name, model.version)
-        config = plog.config_from_settings(settings)
-        if config is None:
-            log.info("prediction log off")
-            return cls(None)
-        writer = plog.PredictionLogWriter(config, settings, model.feature_names)
+        try:
+            config = plog.config_from_settings(settings)
+            if config is None:
+                log.info("prediction log off")
+                return cls(None)
+            writer = plog.PredictionLogWriter(config, settings, model.feature_names)
+        except plog.PredictionLogError as err:  # a bad FRAUD_PREDICTION_LOG_* value: not ready, one line
+            raise PredictorLoadError(f"prediction log: {err}") from None
         log.info("prediction log: %s (sample rate %g, at most %d rows or %gs in memory)",
                  config.uri, config.sample_rate, config.max_rows, config.max_seconds)
         return cls(writer)

@@ -15,7 +15,9 @@ from fraud_common import prediction_log as plog
 from fraud_common import schemas
 from helpers import ServingState, build_serving_state
 from rest_predictor import metrics, push
-from rest_predictor.served_log import request_id_of, usable_request_id
+from rest_predictor.errors import PredictorLoadError
+from rest_predictor.model_artifact import LoadedModel
+from rest_predictor.served_log import ServedLog, request_id_of, usable_request_id
 from test_predictor import V1, V2, offline_features, running_predictor
 
 N_USERS = 30
@@ -106,3 +108,14 @@ def test_log_off_writes_nothing(state: ServingState, tmp_path: Path) -> None:
         answer = requests.post(url + V1, json={"user_id": "user_1"}, timeout=10).json()
         assert len(answer["request_id"]) == 32  # ids are given whether or not the log is on
     assert not default.exists() or not list(default.rglob("*.parquet"))
+
+
+def test_bad_log_settings_make_the_predictor_not_ready(tmp_path: Path) -> None:
+    from fraud_common.settings import Settings
+
+    model = LoadedModel(None, "features", "probability", list(schemas.MODEL_FEATURES), 0.5, "fraud-detection", "1", "")  # type: ignore[arg-type]
+    bad = Settings.from_env({"FRAUD_HOME": str(tmp_path), "FRAUD_PREDICTION_LOG_SAMPLE_RATE": "1.5"})
+    with pytest.raises(PredictorLoadError, match="sample rate 1.5 is not between 0 and 1"):
+        ServedLog.open(bad, model)
+    off = Settings.from_env({"FRAUD_HOME": str(tmp_path), "FRAUD_PREDICTION_LOG_SAMPLE_RATE": "0"})
+    assert ServedLog.open(off, model).writer is None
