@@ -142,9 +142,18 @@ def observe_scored(scores: np.ndarray, decisions: np.ndarray, features: np.ndarr
                 FEATURE_MISSING.labels(name).inc(bad)
 
 
+_served: list[tuple[str, str]] = []  # the labels of the info series exported now
+
+
 def set_model_info(model_name: str, model_version: str) -> None:
-    """Export the served version as the only ``fraud_predictor_model_info`` series."""
-    MODEL_INFO.clear()
+    """Export the served version as the only ``fraud_predictor_model_info`` series.
+
+    Removes the previous series by its labels: ``clear()`` warns once Feast has switched
+    prometheus_client's environment to multi-process mode (``feast.metrics`` sets the variable).
+    """
+    for labels in _served:
+        MODEL_INFO.remove(*labels)
+    _served[:] = [(model_name, model_version)]
     MODEL_INFO.labels(model_name, model_version).set(1)
 
 
