@@ -198,6 +198,7 @@ def simulate(
         raise MonitorError(f"--count {count} must be at least 1")
     if rate < 0 or concurrency < 1:
         raise MonitorError("--rate must be >= 0 and --concurrency >= 1")
+    _Sender(url, timeout)  # checks the URL here: a worker thread's error would be lost
     rng = np.random.default_rng(seed)
     work = transactions(read_source(source_uri or default_source(settings), settings), count, drift, rng)
     run = uuid.uuid4().hex[:8]

@@ -83,3 +83,19 @@ def test_run_simulate_monitor_drift_feedback(state: ServingState, tmp_path: Path
     assert overall["roc_auc"] is not None and 0.0 <= overall["roc_auc"] <= 1.0
     assert overall["recall"] is not None
     assert "ROC-AUC" in html
+
+
+def test_simulate_errors_are_one_line_exit_2(state: ServingState, capsys) -> None:  # noqa: ANN001
+    from conftest import free_port
+
+    cases = [
+        (["--online-order-share", "1.5"], "online-order share 1.5 is not between 0 and 1"),
+        (["--amount-scale", "0"], "amount-scale 0.0 must be positive"),
+        (["--source", "/nonexistent"], "no Parquet files at /nonexistent"),
+        (["--url", f"http://127.0.0.1:{free_port()}", "--count", "3"], "no request to http://127.0.0.1:"),
+        (["--url", "ftp://host"], "is not an http(s) URL"),
+    ]
+    for extra, message in cases:
+        assert main(["simulate", *extra], state.settings) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
