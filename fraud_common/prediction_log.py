@@ -89,6 +89,28 @@ class PredictionLogConfig:
             raise PredictionLogError(f"max_seconds {self.max_seconds!r} must be positive")
 
 
+LOG_OFF = "off"  # FRAUD_PREDICTION_LOG_URI value that turns the log off
+
+
+def default_log_uri(settings: Settings) -> str:
+    """The log root the settings name: ``FRAUD_PREDICTION_LOG_URI``, else ``<home>/monitoring/predictions``."""
+    uri = settings.prediction_log_uri.rstrip("/")
+    return uri if uri else str(settings.home / "monitoring" / "predictions")
+
+
+def config_from_settings(settings: Settings) -> PredictionLogConfig | None:
+    """The predictor's log configuration, or None when the settings turn the log off."""
+    uri = default_log_uri(settings)
+    if uri.lower() == LOG_OFF or settings.prediction_log_sample_rate == 0:
+        return None
+    return PredictionLogConfig(
+        uri=uri,
+        sample_rate=settings.prediction_log_sample_rate,
+        max_rows=settings.prediction_log_max_rows,
+        max_seconds=settings.prediction_log_max_seconds,
+    )
+
+
 def log_schema(feature_names: Sequence[str]) -> pa.Schema:
     """The Arrow schema of a log file for a model with these features."""
     clash = set(feature_names) & set(LOG_COLUMNS + OUTCOME_COLUMNS)

@@ -146,6 +146,20 @@ class Settings:
         host = parts.netloc.rsplit("@", 1)[-1]
         return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:{quote(password, safe='')}@{host}"))
 
+    # prediction log (monitoring) -------------------------------------------------------------
+    # Every scored request appended to Parquet files (fraud_common.prediction_log): a local folder
+    # or s3://bucket/prefix; empty: <FRAUD_HOME>/monitoring/predictions (on by default, so the
+    # one-machine loop works); "off" (or a sample rate of 0): no log.
+    prediction_log_uri: str = _setting("FRAUD_PREDICTION_LOG_URI", "", LOCAL)
+    prediction_log_sample_rate: float = _setting("FRAUD_PREDICTION_LOG_SAMPLE_RATE", 1.0, LOCAL)
+    # Rows held in memory before they are in a file (what a kill can lose), and how long at most.
+    prediction_log_max_rows: int = _setting("FRAUD_PREDICTION_LOG_MAX_ROWS", 20000, LOCAL)
+    prediction_log_max_seconds: float = _setting("FRAUD_PREDICTION_LOG_MAX_SECONDS", 30.0, LOCAL)
+    # Prometheus Pushgateway the monitor job pushes its verdict to (the drift alert's metric);
+    # empty: not pushed (the verdict is still in result.json and metrics.prom beside the report).
+    pushgateway_url: str = _setting("FRAUD_PUSHGATEWAY_URL", "", LOCAL)
+    # end of prediction log (monitoring) ------------------------------------------------------
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
         """Read settings from ``env`` (default: the process environment)."""

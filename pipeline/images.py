@@ -27,6 +27,7 @@ STEPS: dict[str, str] = {
     "train": "train",
     "rest-predictor": "rest_predictor",
     "pipeline": "pipeline",
+    "monitoring": "monitoring",  # the scheduled drift report (pipeline/monitoring_pipeline.py)
 }
 
 

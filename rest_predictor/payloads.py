@@ -20,6 +20,7 @@ from rest_predictor.transactions import Transactions, format_us
 
 USER_ID = "user_id"
 USER_IDS = "user_ids"
+REQUEST_ID = "request_id"  # v1 answers' request id (v2: the response's ``id``); rest_predictor.served_log sets it
 V2_INPUT = "user_id"
 MAX_USER_ID_LENGTH = 256
 

@@ -19,6 +19,9 @@ Wire formats
   "model_name": ..., "model_version": ...}``; rows in request order, duplicates allowed, at most
   ``FRAUD_MAX_BATCH_SIZE`` ids. ``prediction`` is always the model's ``[n, 1]`` output and
   ``fraud`` is ``prediction >= threshold`` (the threshold stored with the model).
+  Every answer also carries ``request_id`` (v2: the response ``id``): the caller's
+  ``X-Request-Id`` (or v2 request ``id``) if given, else a new one; scored requests are appended
+  to the prediction log under it (``rest_predictor.served_log``, ``FRAUD_PREDICTION_LOG_*``).
 
 * a new transaction: ``{"user_id": "user_0", "distance_from_home": 12.3,
   "distance_from_last_transaction": 0.4, "ratio_to_median_purchase_price": 1.9,
@@ -121,6 +124,7 @@ from rest_predictor.transactions import (
     v2_output_types,
 )
 from rest_predictor.push import PUSH_PATH
+from rest_predictor.served_log import ServedLog  # monitoring: request ids, metrics, prediction log
 from rest_predictor.request_guard import GuardedDataPlane, StrictJsonMiddleware
 
 log = get_logger(__name__)
@@ -163,6 +167,7 @@ class FraudPredictor(kserve.Model):
         self._columns: list[int] = []  # model input position -> position in schemas.MODEL_FEATURES
         self.traffic: canary.TrafficSplit | None = None  # champion and, during a canary, challenger
         self.control: canary.CanaryControl | None = None  # the loopback control routes' logic
+        self.served_log = ServedLog()  # monitoring: replaced in load
 
     def _registry(self) -> ModelRegistry:
         if self.registry is None:
@@ -193,6 +198,7 @@ class FraudPredictor(kserve.Model):
         self.control = canary.CanaryControl(self.settings, self._registry, self.feature_read, self.traffic,
                                             self.use_champion)
         canary.watch_registry(self._registry, self.settings.model_name)
+        self.served_log = ServedLog.open(self.settings, model, self.served_log)  # monitoring
         if isinstance(history_store, RedisHistoryStore):
             self.async_history = AsyncRedisHistory(history_store.url)
         self.ready = True
@@ -334,12 +340,20 @@ class FraudPredictor(kserve.Model):
         scores, model = traffic.score(payload.features, payload.user_ids)
         metrics.SCORED_USERS.inc(len(payload.user_ids))
         if payload.v2_request is not None:
-            return v2_response(payload.v2_request, scores, model.threshold, self.name, model.version)
-        if payload.transactions is not None:
-            return v1_transaction_response(
+            response = v2_response(payload.v2_request, scores, model.threshold, self.name, model.version)
+        elif payload.transactions is not None:
+            response = v1_transaction_response(
                 payload.transactions, payload.history_rows, scores, model.threshold, model.model_name, model.version
             )
-        return v1_response(payload.user_ids, payload.batch, scores, model.threshold, model.model_name, model.version)
+        else:
+            response = v1_response(payload.user_ids, payload.batch, scores, model.threshold, model.model_name, model.version)
+        # monitoring: request id, metrics, prediction log
+        return self.served_log.finish(response, payload.user_ids, payload.features, scores, model, payload.v2_request, headers)
+
+    def stop(self) -> None:
+        """kserve's shutdown hook (ModelServer.stop unloads each model): flush the prediction log."""
+        self.served_log.close()  # monitoring
+        super().stop()
 
 
 def _v2(payload: Any) -> InferRequest | None:
