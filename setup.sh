@@ -126,28 +126,37 @@ require_crd() {
 # random_token <bytes>: hex from the kernel's CSPRNG (no openssl needed).
 random_token() { od -An -N"$1" -tx1 /dev/urandom | tr -d ' \n'; }
 
-# ensure_s3_secret <namespace...>: the Secret fraud-detection-s3 with the project's S3 keys in each
-# namespace. The keys are generated on the first run and never committed; a rerun keeps the keys
-# already in the first namespace (MinIO was created with them). The values are never printed.
-ensure_s3_secret() {
-    local ns key="" secret=""
-    if [ "${DRY_RUN}" = false ] && kubectl get secret fraud-detection-s3 -n "$1" >/dev/null 2>&1; then
-        key="$(kubectl get secret fraud-detection-s3 -n "$1" -o jsonpath='{.data.AWS_ACCESS_KEY_ID}' | base64 -d)"
-        secret="$(kubectl get secret fraud-detection-s3 -n "$1" -o jsonpath='{.data.AWS_SECRET_ACCESS_KEY}' | base64 -d)"
+# ensure_generated_secret <secret> "<KEY> [<KEY>...]" <namespace...>: the Secret in each namespace,
+# each key holding a random value generated on the first run: never in the repository, never
+# printed, and passed through stdin so no process list shows it. Reruns keep the values found in
+# the first namespace that has the Secret (the servers were created with them) and copy them to
+# the namespaces that lack it.
+ensure_generated_secret() {
+    local name="$1" keys="$2" ns key value found="" values=""
+    shift 2
+    if [ "${DRY_RUN}" = false ]; then
+        for ns in "$@"; do
+            if kubectl get secret "${name}" -n "${ns}" >/dev/null 2>&1; then found="${ns}"; break; fi
+        done
     fi
-    [ -n "${key}" ] || key="fraud-$(random_token 6)"
-    [ -n "${secret}" ] || secret="$(random_token 24)"
+    for key in ${keys}; do
+        if [ -n "${found}" ]; then
+            value="$(kubectl get secret "${name}" -n "${found}" -o "jsonpath={.data.${key}}" | base64 -d)"
+        else
+            value="$(random_token 24)"
+        fi
+        values="${values}${key}=${value}"$'\n'
+    done
     for ns in "$@"; do
-        if [ "${DRY_RUN}" = false ] && kubectl get secret fraud-detection-s3 -n "${ns}" >/dev/null 2>&1; then
-            echo "    Secret ${ns}/fraud-detection-s3 exists: keeping its keys"
+        if [ "${DRY_RUN}" = false ] && kubectl get secret "${name}" -n "${ns}" >/dev/null 2>&1; then
+            echo "    Secret ${ns}/${name} exists: keeping its values"
             continue
         fi
-        printf '+ kubectl create secret generic fraud-detection-s3 -n %s --from-literal=AWS_ACCESS_KEY_ID=<random> --from-literal=AWS_SECRET_ACCESS_KEY=<random>\n' "${ns}"
+        echo "+ kubectl create secret generic ${name} -n ${ns} --from-env-file=/dev/stdin  # ${keys}: random"
         if [ "${DRY_RUN}" = false ]; then
-            kubectl create secret generic fraud-detection-s3 -n "${ns}" \
-                --from-literal=AWS_ACCESS_KEY_ID="${key}" --from-literal=AWS_SECRET_ACCESS_KEY="${secret}" >/dev/null
+            printf '%s' "${values}" | kubectl create secret generic "${name}" -n "${ns}" --from-env-file=/dev/stdin >/dev/null
         fi
-        run kubectl label secret fraud-detection-s3 -n "${ns}" --overwrite app.kubernetes.io/part-of=fraud-detection
+        run kubectl label secret "${name}" -n "${ns}" --overwrite app.kubernetes.io/part-of=fraud-detection
     done
 }
 
@@ -216,7 +225,7 @@ setup_openshift() {
     require_crd inferenceservices.serving.kserve.io "OpenShift AI with KServe (single-model serving) enabled"
     log "Applying dspa/ (namespace, RBAC, settings, dev MinIO, DataSciencePipelinesApplication)"
     apply_kustomization "${REPO_ROOT}/dspa"
-    ensure_s3_secret "${NAMESPACE}"
+    ensure_generated_secret fraud-detection-s3 "AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY" "${NAMESPACE}"
     wait_for "the development MinIO" -n "${NAMESPACE}" --for=condition=Available deployment/minio
     wait_for_resource "the pipeline server" -n "${NAMESPACE}" deployment/ds-pipeline-fraud-detection
     wait_for "the pipeline server" -n "${NAMESPACE}" --for=condition=Available deployment/ds-pipeline-fraud-detection
@@ -291,43 +300,15 @@ apply_manifests() {
     apply_kustomization "${REPO_ROOT}/manifests"
     wait_for_resource "namespace ${NAMESPACE}" namespace "${NAMESPACE}"
     # KFP standalone runs the steps in ${KFP_NAMESPACE}: the same keys there.
-    ensure_s3_secret "${NAMESPACE}" "${KFP_NAMESPACE}"
+    ensure_generated_secret fraud-detection-s3 "AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY" "${NAMESPACE}" "${KFP_NAMESPACE}"
     wait_for "the project's MinIO" -n "${NAMESPACE}" --for=condition=Available deployment/minio
 }
 
 # ---------------------------------------------------------------- online store (Redis)
-# ensure_online_store_secret <namespace...>: the Redis password as the Secret fraud-online-store,
-# generated here on first setup (never in the repository) and kept on reruns; the same value in
-# every namespace given (the predictor's and, on kind, KFP's, where the feature step runs).
-ensure_online_store_secret() {
-    local ns password=""
-    if [ "${DRY_RUN}" = true ]; then
-        for ns in "$@"; do
-            echo "+ kubectl create secret generic fraud-online-store -n ${ns} --from-env-file=/dev/stdin  # FRAUD_ONLINE_STORE_PASSWORD=<random>, unless it exists"
-        done
-        return 0
-    fi
-    for ns in "$@"; do
-        if kubectl get secret fraud-online-store -n "${ns}" >/dev/null 2>&1; then
-            password="$(kubectl get secret fraud-online-store -n "${ns}" -o jsonpath='{.data.FRAUD_ONLINE_STORE_PASSWORD}' | base64 -d)"
-            break
-        fi
-    done
-    # 32 random bytes as hex: letters and digits only, safe in a URL and in Feast's connection string.
-    [ -n "${password}" ] || password="$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
-    for ns in "$@"; do
-        kubectl get secret fraud-online-store -n "${ns}" >/dev/null 2>&1 && continue
-        echo "+ kubectl create secret generic fraud-online-store -n ${ns} (FRAUD_ONLINE_STORE_PASSWORD: random)"
-        # The value goes through stdin, not the command line: it never shows in a process list.
-        printf 'FRAUD_ONLINE_STORE_PASSWORD=%s\n' "${password}" \
-            | kubectl create secret generic fraud-online-store -n "${ns}" --from-env-file=/dev/stdin >/dev/null
-        kubectl label secret fraud-online-store -n "${ns}" app.kubernetes.io/part-of=fraud-detection >/dev/null
-    done
-}
-
 install_online_store() {
     log "The shared online store (Redis, AOF on a PersistentVolumeClaim) and its generated password"
-    ensure_online_store_secret "${NAMESPACE}" "${KFP_NAMESPACE}"
+    # Its password: the predictor's namespace and KFP's, where the feature step runs.
+    ensure_generated_secret fraud-online-store FRAUD_ONLINE_STORE_PASSWORD "${NAMESPACE}" "${KFP_NAMESPACE}"
     wait_for "the online store (Redis)" -n "${NAMESPACE}" --for=jsonpath='{.status.readyReplicas}'=1 statefulset/fraud-online-store
 }
 

@@ -327,7 +327,7 @@ def test_the_credential_scan_can_fail() -> None:
 
 
 def _stateful_kubectl(bin_dir: Path, store: Path) -> None:
-    """A kubectl that keeps Secrets as files: enough for setup.sh's ensure_s3_secret."""
+    """A kubectl that keeps Secrets as files: enough for setup.sh's ensure_generated_secret."""
     script = f"""#!/usr/bin/env bash
 store={sh_quote(str(store))}
 ns=""; prev=""
@@ -341,9 +341,8 @@ case "$1 $2" in
     done ;;
   "create secret")
     touch "$store/$ns.$4"
-    for arg in "$@"; do
-      case "$arg" in --from-literal=*) kv="${{arg#--from-literal=}}"; printf '%s' "${{kv#*=}}" > "$store/$ns.$4.${{kv%%=*}}" ;; esac
-    done ;;
+    [[ " $* " == *" --from-env-file=/dev/stdin "* ]] || exit 2  # values only through stdin
+    while IFS= read -r line; do printf '%s' "${{line#*=}}" > "$store/$ns.$4.${{line%%=*}}"; done ;;
 esac
 """
     (bin_dir / "kubectl").write_text(script)
@@ -362,8 +361,8 @@ def test_setup_generates_the_s3_keys_once_and_shares_them(tmp_path: Path) -> Non
     bin_dir.mkdir()
     store.mkdir()
     _stateful_kubectl(bin_dir, store)
-    program = "set -euo pipefail\nDRY_RUN=false\n" + _setup_functions("run", "random_token", "ensure_s3_secret")
-    program += "\nensure_s3_secret fraud-detection kubeflow\n"
+    program = "set -euo pipefail\nDRY_RUN=false\n" + _setup_functions("run", "random_token", "ensure_generated_secret")
+    program += '\nensure_generated_secret fraud-detection-s3 "AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY" fraud-detection kubeflow\n'
     env = {**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin"}
 
     def keys(ns: str) -> tuple[str, str]:
