@@ -179,8 +179,10 @@ class Lab:
         return governance.decide(self.registry, self.settings.model_name, report, promote_now=promote_now)
 
     def answers(self) -> list[bytes]:
-        """The live answer to each of the probe users, as bytes."""
-        return [requests.post(self.url + V1, data=json.dumps({"user_id": u}), timeout=10).content for u in self.users]
+        """The live answer to each of the probe users, as bytes (each with its own fixed request id,
+        which the answer echoes: nothing in it then differs between two identical requests)."""
+        return [requests.post(self.url + V1, data=json.dumps({"user_id": u}), headers={"X-Request-Id": f"probe-{u}"},
+                              timeout=10).content for u in self.users]
 
     def served_versions(self) -> set[str]:
         return {json.loads(answer)["model_version"] for answer in self.answers()}
