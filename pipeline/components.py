@@ -272,7 +272,7 @@ def evaluate_against_champion(
         # prediction log's setting; absent: the test rows).
         from fraud_common import schemas
 
-        served = served_rows(getattr(settings, "prediction_log_uri", ""), settings, list(schemas.MODEL_FEATURES))
+        served = served_rows(settings.prediction_log_uri, settings, list(schemas.MODEL_FEATURES))
         report = evaluate_against_champion(
             registry, model_name, registered_model.metadata["model_version"], test.features, test.labels,
             lambda uri: storage.read_bytes(uri, settings), GatePolicy.from_settings(settings), served=served,

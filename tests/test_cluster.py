@@ -242,12 +242,32 @@ def _grants_the_launchers_need() -> set[tuple[str, str, str]]:
         k8s.launch_inference_service(settings, k8s.NAMESPACE, "fraud-detection", "img", "m", version, 60,
                                      api=_Recorder(isvc, grants),
                                      apps_api=_Recorder(FakeApps([_deployment(version)]), grants), **wait)
+    # A canary through the InferenceGraph router: created, stepped, rolled back on errors; then a
+    # promoted one finished (the router back to one service, the canary's service deleted).
+    from fraud_common.registry.rollout import CanaryPolicy
+    from test_canary import FakePredictors
+
+    graphs, fake = FakeCustomObjects(), FakePredictors("1", "2", challenger_error_rate=0.5)
+
+    def read_metrics(url: str) -> str:
+        graph = graphs.objects.get(("inferencegraphs", k8s.NAMESPACE, k8s.router_name("fraud-detection")))
+        steps = graph["spec"]["nodes"]["root"]["steps"] if graph else []
+        fake.percent = next((step["weight"] for step in steps if step["name"] == "challenger"), 0)
+        return fake.read(url)
+
+    canary_service = k8s.challenger_service_name("fraud-detection", "2")
+    passed, _ = k8s.run_graph_canary(_Recorder(graphs, grants), k8s.NAMESPACE, "fraud-detection", ("fraud-detection", "1"),
+                                     (canary_service, "2"), CanaryPolicy(steps=(10, 100), min_requests=30, step_seconds=30),
+                                     read_metrics=read_metrics, **wait)
+    assert not passed, "the stand-in's errors should fail the first step"
+    k8s.finish_graph_canary(k8s.NAMESPACE, "fraud-detection", canary_service, api=_Recorder(graphs, grants))
     return grants
 
 
 def test_rbac_grants_exactly_what_the_launchers_call(rendered) -> None:
     needed = _grants_the_launchers_need()
     assert ("apps", "deployments", "get") in needed and ("sparkoperator.k8s.io", "sparkapplications", "delete") in needed
+    assert ("serving.kserve.io", "inferencegraphs", "patch") in needed and ("serving.kserve.io", "inferenceservices", "delete") in needed
     for folder, objs in rendered.items():
         kinds = {o["kind"] for o in objs}
         assert not kinds & {"ClusterRole", "ClusterRoleBinding"}, f"{folder}: cluster-wide RBAC"
