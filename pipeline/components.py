@@ -127,7 +127,7 @@ def retrieve_features(
     import tempfile
     from pathlib import Path
 
-    from fraud_common.artifacts import parquet_summary, pipeline_step
+    from fraud_common.artifacts import parquet_summary, pipeline_step, storage_uri
     from fraud_common.feature_store import REGISTRY_FILE
     from feature_engineering.feast_feature_engineering import retrieve_training_data
 
@@ -136,7 +136,9 @@ def retrieve_features(
             # Historical retrieval needs the registry only; a copy keeps the input artifact as it is.
             shutil.copyfile(Path(feature_store.path) / REGISTRY_FILE, Path(feast_dir) / REGISTRY_FILE)
             retrieve_training_data(settings, out_path=Path(training_set.path), prepared_uri=prepared.path)
-            training_set.metadata.update({**parquet_summary(training_set.path, settings), "format": "parquet"})
+            training_set.metadata.update({**parquet_summary(training_set.path, settings), "format": "parquet",
+                                          # the version records it: the predictor seeds card histories from it
+                                          "prepared_uri": storage_uri(prepared.uri)})
 
 
 @dsl.component(base_image=image("train"), **_COMMON)

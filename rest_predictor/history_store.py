@@ -298,7 +298,7 @@ def open_history_store(settings: Settings) -> HistoryStore:
 # --- Seeding from the prepared features ------------------------------------------------------
 
 
-def prepared_states(settings: Settings) -> tuple[dict[str, HistoryState], str] | None:
+def prepared_states(settings: Settings, prepared_uri: str = "") -> tuple[dict[str, HistoryState], str] | None:
     """Every user's state behind its prepared history features, and a marker of that data set.
 
     None when there are no prepared features. The marker hashes users, times and features, so a
@@ -307,7 +307,7 @@ def prepared_states(settings: Settings) -> tuple[dict[str, HistoryState], str] |
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    uri = storage.join(settings.prepared_uri, schemas.FEATURES_DIR)
+    uri = storage.join(prepared_uri or settings.prepared_uri, schemas.FEATURES_DIR)
     if not storage.exists(uri, settings):
         return None
     columns = [schemas.ENTITY_KEY, schemas.EVENT_TIMESTAMP, *schemas.HISTORY_FEATURES]
@@ -332,20 +332,22 @@ def prepared_states(settings: Settings) -> tuple[dict[str, HistoryState], str] |
     return states, f"prepared:{len(users)}:{digest.hexdigest()[:24]}"
 
 
-def seed_from_prepared(store: HistoryStore, settings: Settings, force: bool = False) -> bool:
-    """Seed ``store`` from the prepared features unless it already holds exactly that data set.
+def seed_from_prepared(store: HistoryStore, settings: Settings, force: bool = False, prepared_uri: str = "") -> bool:
+    """Seed ``store`` from the prepared features (``prepared_uri``, by default the CLI's
+    ``settings.prepared_uri``) unless it already holds exactly that data set.
 
     Returns whether it seeded. Pushed transactions survive as long as the prepared data does not
     change; a new pipeline run's data replaces them (it was computed from the newer history).
     """
     started = time.perf_counter()
-    found = prepared_states(settings)
+    source = prepared_uri or settings.prepared_uri
+    found = prepared_states(settings, source)
     if found is None:
-        log.warning("no prepared features under %s: card histories start empty", settings.prepared_uri)
+        log.warning("no prepared features under %s: card histories start empty", source)
         return False
     states, marker = found
     if not force and store.seed_marker() == marker:
         return False
     store.seed(states, marker)
-    log.info("seeded %d card histories from %s in %.1fs", len(states), settings.prepared_uri, time.perf_counter() - started)
+    log.info("seeded %d card histories from %s in %.1fs", len(states), source, time.perf_counter() - started)
     return True

@@ -79,7 +79,7 @@ from starlette.exceptions import HTTPException
 from fraud_common import history, schemas
 from fraud_common.logs import get_logger, setup_logging
 from fraud_common.registry import ModelRegistry, open_registry
-from fraud_common.registry.serving import feature_settings
+from fraud_common.registry.serving import feature_settings, prepared_of
 from fraud_common.settings import Settings
 from rest_predictor import canary, metrics
 from rest_predictor.errors import (
@@ -186,7 +186,8 @@ class FraudPredictor(kserve.Model):
         model, features = served.model, served.features
         try:
             history_store = open_history_store(self.settings)
-            seed_from_prepared(history_store, self.settings)
+            # From the data the served version was trained on (a run's prepared artifact).
+            seed_from_prepared(history_store, self.settings, prepared_uri=prepared_of(version))
             history_store.read(["__readiness_probe__"])
         except (HistoryStoreError, OSError) as err:
             raise PredictorLoadError(f"the card history store cannot be used: {err}") from err

@@ -178,6 +178,25 @@ def test_served_scores_equal_offline_scores(server: dict, env: dict[str, str]) -
         assert answer["fraud"] == (answer["prediction"][0][0] >= version.threshold)
 
 
+def test_a_new_transaction_is_scored_on_the_card_history_the_served_version_was_trained_on(server: dict, env: dict[str, str]) -> None:
+    """The embedded run seeds the card histories from the served version's prepared data (its
+    record names it), so a new transaction of a card with history sees that history."""
+    import pandas as pd
+
+    settings = Settings.from_env(env)
+    prepared = cli.run_artifact_uri(cli.latest_run(settings), "prepare-data", "prepared")
+    offline = pd.read_parquet(Path(prepared) / FEATURES_DIR)
+    row = offline[offline["num_prev_transactions"] > 1].sort_values("user_id").iloc[0]
+    transaction = {"user_id": row["user_id"], "distance_from_home": 3.0, "distance_from_last_transaction": 0.5,
+                   "ratio_to_median_purchase_price": 1.2, "repeat_retailer": 1, "used_chip": 1, "used_pin_number": 0,
+                   "online_order": 0}
+    answer = _predict(server["url"], transaction)
+    assert answer.status_code == 200, answer.text
+    history = answer.json()["history"]
+    for name in ("num_prev_transactions", "avg_prev_transaction_amount", "max_prev_transaction_amount"):
+        assert abs(history[name] - float(row[name])) <= 1e-6 * max(1.0, abs(float(row[name]))), name
+
+
 @pytest.mark.parametrize(
     ("body", "status"),
     [

@@ -4,7 +4,7 @@ A version's record carries ``serving`` (written once, at registration)::
 
     {"features": {"definitions_fingerprint": "sha256:...", "feature_service": ..., "feature_view": ...,
                   "feature_names": [...], "snapshot_uri": "<folder with registry.db + online_store.db>"},
-     "training_data": {"fingerprint": "sha256:...", "uri": ..., "rows": n, "time_min": ..., "time_max": ...,
+     "training_data": {"fingerprint": "sha256:...", "uri": ..., "prepared_uri": ..., "rows": n, "time_min": ..., "time_max": ...,
                        "schema_fingerprint": ...}}
 
 The snapshot is copied next to the model file at registration (``version_store_uri``), so it
@@ -80,7 +80,7 @@ def store_snapshot(local_dir: str | Path, uri: str, settings: Settings) -> str:
 def serving_record(snapshot_uri: str, feature_names: list[str], data_fingerprint: str,
                    training_data: Mapping[str, Any]) -> dict[str, Any]:
     """The ``serving`` block of a version's record (see the module docstring)."""
-    keep = ("uri", "rows", "time_min", "time_max", "schema_fingerprint")
+    keep = ("uri", "rows", "time_min", "time_max", "schema_fingerprint", "prepared_uri")
     return {
         "features": {
             "definitions_fingerprint": definitions_fingerprint(),
@@ -91,6 +91,12 @@ def serving_record(snapshot_uri: str, feature_names: list[str], data_fingerprint
         },
         "training_data": {"fingerprint": data_fingerprint, **{k: training_data[k] for k in keep if k in training_data}},
     }
+
+
+def prepared_of(version: ModelVersion) -> str:
+    """The prepared features a version was trained from ("" when not recorded): what the
+    predictor seeds the card histories from."""
+    return str(((version.metadata.get(SERVING_KEY) or {}).get("training_data") or {}).get("prepared_uri") or "")
 
 
 def snapshot_of(version: ModelVersion) -> str:
