@@ -149,8 +149,9 @@ class Settings:
     # prediction log (monitoring) -------------------------------------------------------------
     # Every scored request appended to Parquet files (fraud_common.prediction_log): a local folder
     # or s3://bucket/prefix; empty: <FRAUD_HOME>/monitoring/predictions (on by default, so the
-    # one-machine loop works); "off" (or a sample rate of 0): no log.
-    prediction_log_uri: str = _setting("FRAUD_PREDICTION_LOG_URI", "", LOCAL)
+    # one-machine loop works); "off" (or a sample rate of 0): no log. In the cluster an s3://
+    # prefix in the ConfigMap: every predictor replica writes there, the monitoring pipeline reads it.
+    prediction_log_uri: str = _setting("FRAUD_PREDICTION_LOG_URI", "", CONFIG)
     prediction_log_sample_rate: float = _setting("FRAUD_PREDICTION_LOG_SAMPLE_RATE", 1.0, LOCAL)
     # Rows held in memory before they are in a file (what a kill can lose), and how long at most.
     prediction_log_max_rows: int = _setting("FRAUD_PREDICTION_LOG_MAX_ROWS", 20000, LOCAL)

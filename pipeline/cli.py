@@ -197,9 +197,13 @@ def cmd_prepare(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_compile(args: argparse.Namespace, console: Console) -> int:
-    """Compile the pipeline to YAML."""
+    """Compile the pipeline to YAML, and with the default output the monitoring pipeline too."""
     module = load_pipeline_module()
     console.say(str(module.compile_pipeline(Path(args.output))))
+    if Path(args.output) == COMPILED_PIPELINE:
+        from pipeline import monitoring_pipeline
+
+        console.say(str(monitoring_pipeline.compile_pipeline()))
     return 0
 
 
@@ -592,7 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=port_number, help="predictor port (default 8081)")
     srv.set_defaults(func=cmd_serve)
 
-    comp = sub.add_parser("compile", help="compile the Kubeflow pipeline to YAML")
+    comp = sub.add_parser("compile", help="compile the Kubeflow pipelines (main and monitoring) to YAML")
     comp.add_argument("--output", default=str(COMPILED_PIPELINE))
     comp.set_defaults(func=cmd_compile)
 

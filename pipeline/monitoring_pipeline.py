@@ -35,8 +35,8 @@ PIPELINE_NAME = "fraud-detection-monitoring"
 COMPILED = Path(__file__).with_name(f"{PIPELINE_NAME}.yaml")
 SETTINGS_ENV = Path(__file__).resolve().parents[1] / "manifests" / "config" / "settings.env"
 CLUSTER = Settings.from_env(read_env_file(SETTINGS_ENV))
-# The cluster's log: beside the data root, where the predictor's FRAUD_PREDICTION_LOG_URI points.
-CLUSTER_LOG_URI = f"{CLUSTER.data_uri.rsplit('/', 1)[0]}/monitoring/predictions"
+# The cluster's log: where every predictor replica writes (FRAUD_PREDICTION_LOG_URI in the ConfigMap).
+CLUSTER_LOG_URI = CLUSTER.prediction_log_uri
 HOURLY = "0 0 * * * *"
 # The Pushgateway of manifests/monitoring (Service fraud-detection-pushgateway, port 9091).
 PUSHGATEWAY_URL = f"http://fraud-detection-pushgateway.{CLUSTER.namespace}.svc:9091"
