@@ -36,6 +36,7 @@ from fraud_common import feature_store
 from fraud_common.feature_store import ENTITY_NAME, FEATURE_SERVICE, store_config
 from fraud_common.logs import get_logger
 from fraud_common.settings import Settings
+from rest_predictor import metrics
 from rest_predictor.errors import FeatureDataError, PredictorLoadError
 
 log = get_logger(__name__)
@@ -233,6 +234,9 @@ class BulkOnlineRead(ProviderOnlineRead):
         nulls = present[:, None] & np.isnan(decoded) & (lengths == 0)
         if nulls.any():
             i, j = map(int, np.argwhere(nulls)[0])
+            for feature, count in zip(self.feature_names, nulls.sum(axis=0).tolist()):
+                if count:
+                    metrics.FEATURE_MISSING.labels(feature).inc(count)
             raise FeatureDataError(f"feature {self.feature_names[j]!r} of user {unique[i]!r} is null in the online store")
         bad = present[:, None] & (lengths < 0)
         if bad.any():
@@ -345,6 +349,7 @@ def reader_for(feature_read: str) -> type[OnlineFeatureReader]:
 def _number(value: object, name: str, user_id: str) -> float:
     """One feature value from ``get_online_features`` as a float (booleans as 0/1)."""
     if value is None:
+        metrics.FEATURE_MISSING.labels(name).inc()
         raise FeatureDataError(f"feature {name!r} of user {user_id!r} is null in the online store")
     try:
         return float(value)  # type: ignore[arg-type]
@@ -357,6 +362,7 @@ def _proto_number(values: dict[str, ValueProto], name: str, user_id: str) -> flo
     value = values.get(name)
     kind = value.WhichOneof("val") if value is not None else None
     if kind is None:
+        metrics.FEATURE_MISSING.labels(name).inc()
         raise FeatureDataError(f"feature {name!r} of user {user_id!r} is null in the online store")
     try:
         return float(getattr(value, kind))

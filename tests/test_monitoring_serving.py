@@ -119,3 +119,22 @@ def test_bad_log_settings_make_the_predictor_not_ready(tmp_path: Path) -> None:
         ServedLog.open(bad, model)
     off = Settings.from_env({"FRAUD_HOME": str(tmp_path), "FRAUD_PREDICTION_LOG_SAMPLE_RATE": "0"})
     assert ServedLog.open(off, model).writer is None
+
+
+def test_a_null_feature_in_the_store_is_counted_by_feature_before_it_fails_the_request() -> None:
+    from feast.protos.feast.types.Value_pb2 import Value as ValueProto
+
+    from rest_predictor import metrics
+    from rest_predictor.errors import FeatureDataError
+    from rest_predictor.online_features import _number, _proto_number
+
+    def count(feature: str) -> float:
+        return metrics.FEATURE_MISSING.labels(feature)._value.get()
+
+    before = count("used_chip")
+    with pytest.raises(FeatureDataError, match="used_chip"):
+        _number(None, "used_chip", "user_1")
+    with pytest.raises(FeatureDataError, match="used_chip"):
+        _proto_number({"used_chip": ValueProto()}, "used_chip", "user_1")
+    assert _number(1.5, "used_chip", "user_1") == 1.5  # a value is not counted
+    assert count("used_chip") == before + 2
