@@ -320,3 +320,22 @@ def test_shadow_gate_scores_served_traffic_when_the_predictor_logs_it(scenario: 
         scenario.registry, MODEL, "v2", scenario.features, scenario.labels, lambda uri: Path(uri).read_bytes(), POLICY,
     )
     assert "rows of the test set" in {r.gate: r for r in on_test.results}["shadow_disagreement"].detail
+
+
+def test_version_snapshot_holds_the_online_store_file_only_where_the_store_is_a_file(tmp_path) -> None:
+    """With the shared Redis the online rows live in Redis: the version's snapshot is the registry."""
+    from fraud_common.feature_store import ONLINE_STORE_FILE, REGISTRY_FILE
+    from fraud_common.registry.serving import store_snapshot
+    from fraud_common.settings import Settings
+    from fraud_common.storage import StorageError
+
+    source = tmp_path / "feast"
+    source.mkdir()
+    (source / REGISTRY_FILE).write_bytes(b"registry")
+    redis = Settings.from_env({"FRAUD_HOME": str(tmp_path), "FRAUD_ONLINE_STORE_URL": "redis://127.0.0.1:6379/0"})
+    written = Path(store_snapshot(source, str(tmp_path / "v1"), redis))
+    assert sorted(p.name for p in written.iterdir()) == [REGISTRY_FILE]
+    sqlite = Settings.from_env({"FRAUD_HOME": str(tmp_path)})
+    with pytest.raises(StorageError, match=ONLINE_STORE_FILE):
+        store_snapshot(source, str(tmp_path / "v2"), sqlite)
+    assert not (tmp_path / "v2").exists(), "nothing half-written"

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from fraud_common import storage
-from fraud_common.feature_store import ENTITY_NAME, FEATURE_SERVICE, FEATURE_VIEW, SNAPSHOT_FILES, feature_refs
+from fraud_common.feature_store import ENTITY_NAME, FEATURE_SERVICE, FEATURE_VIEW, feature_refs, snapshot_files
 from fraud_common.registry.base import ModelVersion
 from fraud_common.settings import Settings
 
@@ -49,24 +49,26 @@ def version_store_uri(model_uri: str) -> str:
 
 
 def store_snapshot(local_dir: str | Path, uri: str, settings: Settings) -> str:
-    """Copy a snapshot folder (``registry.db``, ``online_store.db``) to ``uri``; returns ``uri``.
+    """Copy a snapshot folder (``registry.db``, and ``online_store.db`` unless the online store is
+    the shared Redis: ``feature_store.snapshot_files``) to ``uri``; returns ``uri``.
 
     Local targets are written to a temporary folder and renamed into place, so a reader never
     sees half a snapshot; an S3 object appears whole, and the record naming it is written after.
     """
     source = Path(local_dir)
-    missing = [name for name in SNAPSHOT_FILES if not (source / name).is_file()]
+    files = snapshot_files(settings)
+    missing = [name for name in files if not (source / name).is_file()]
     if missing:
         raise storage.StorageError(f"feature store snapshot {source} lacks {missing}")
     if storage.is_s3(uri):
-        for name in SNAPSHOT_FILES:
+        for name in files:
             storage.upload(source / name, storage.join(uri, name), settings)
         return uri
     target = Path(uri)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
-        for name in SNAPSHOT_FILES:
+        for name in files:
             shutil.copyfile(source / name, staging / name)
         if target.exists():
             shutil.rmtree(target)
