@@ -278,6 +278,8 @@ def step_env(settings: Settings, state_dir: Path, s3: Mapping[str, str]) -> dict
         "FRAUD_REGISTRY_URI": str(state_dir / "registry.db"),
         "FRAUD_REGISTRY_PORT": str(settings.registry_port),
         "FRAUD_FEAST_DIR": str(state_dir / "feast"),
+        # No Redis here: the online store is the file store in that folder, as on one machine.
+        "FRAUD_ONLINE_STORE_URL": "",
         "FRAUD_MODEL_NAME": settings.model_name,
         "FRAUD_MIN_ROC_AUC": repr(settings.min_roc_auc),
         "FRAUD_SERVE_PORT": str(settings.serve_port),

@@ -136,16 +136,29 @@ def test_port_in_use_is_named_before_any_work(home: Path, listening_port: int, c
 # --- run and existing data ------------------------------------------------------------------------
 
 
+def _children(process: psutil.Process) -> list[psutil.Process]:
+    try:
+        return process.children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _cmdline(process: psutil.Process) -> list[str]:
+    """A process's command line, or nothing when it is gone or a zombie: Spark starts and reaps
+    many short-lived processes, and one of them vanishing must not hide the step's executor."""
+    try:
+        return process.cmdline()
+    except psutil.Error:
+        return []
+
+
 def _interrupt_once_running(proc: subprocess.Popen, timeout: float = 120) -> subprocess.CompletedProcess:
     """SIGINT to the CLI once the pipeline's first step runs in its subprocess; output and exit code."""
     deadline = time.monotonic() + timeout
     cli = psutil.Process(proc.pid)
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if any("executor_main" in " ".join(c.cmdline()) for c in cli.children(recursive=True)):
-                break
-        except psutil.Error:
-            pass
+    while time.monotonic() < deadline and proc.poll() is None and not any(
+        "executor_main" in " ".join(_cmdline(child)) for child in _children(cli)
+    ):
         time.sleep(0.1)
     time.sleep(1)  # the step's subprocess is starting Spark
     proc.send_signal(signal.SIGINT)
