@@ -38,9 +38,12 @@ def _cli(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.Co
 
 
 def _start(env: dict[str, str], *args: str) -> subprocess.Popen:
+    """The CLI as a terminal starts it: with Ctrl-C's default action, even when this test run
+    inherited SIGINT ignored (a shell's background job), which Python would then keep ignoring."""
     return subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", *args],
         env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
