@@ -17,6 +17,8 @@ Benches import this file too (``sys.path`` gets ``tests/``); the product never d
 from __future__ import annotations
 
 import json
+import subprocess
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -279,3 +281,20 @@ def build_serving_state(home: Path, n_users: int = 200, registry=None) -> Servin
         },
     )
     return ServingState(settings, features_path, model_path, version, n_users)
+
+
+def wait_until_ready(proc: subprocess.Popen, url: str, log_path: Path, timeout_seconds: float = 180) -> None:
+    """Poll the predictor's ``/v2/health/ready`` until 200; fail with its log's tail if it exits
+    or does not get ready within ``timeout_seconds``."""
+    import requests
+
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        assert proc.poll() is None, f"predictor exited early:\n{log_path.read_text()[-4000:]}"
+        assert time.monotonic() < deadline, f"predictor not ready:\n{log_path.read_text()[-4000:]}"
+        try:
+            if requests.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.3)

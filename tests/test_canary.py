@@ -39,7 +39,7 @@ from fraud_common.registry import lifecycle, open_registry
 from fraud_common.registry.rollout import CanaryPolicy, StepStats, VersionStats, check_step, parse_steps, wilson_lower
 from fraud_common.registry.serving import serving_record, snapshot_of, store_snapshot, version_store_uri
 from fraud_common.settings import Settings
-from helpers import build_feast_store, label_features, write_prepared
+from helpers import build_feast_store, label_features, wait_until_ready, write_prepared
 from rest_predictor import canary
 from train import governance
 from train.governance import GatePolicy
@@ -214,17 +214,8 @@ def predictor(settings: Settings, log_path: Path) -> Iterator[str]:
     with log_path.open("w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "rest_predictor.predictor"], env=env, cwd=REPO_ROOT, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
     try:
-        while True:
-            assert proc.poll() is None, f"predictor exited:\n{log_path.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"predictor not ready:\n{log_path.read_text()[-3000:]}"
-            try:
-                if requests.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(0.3)
+        wait_until_ready(proc, url, log_path)
         yield url
     finally:
         proc.send_signal(signal.SIGINT)

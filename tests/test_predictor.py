@@ -27,7 +27,7 @@ from fraud_common import schemas, storage
 from fraud_common.feature_store import FEATURE_SERVICE, store_config
 from fraud_common.registry import open_registry
 from fraud_common.settings import Settings
-from helpers import ServingState, build_serving_state
+from helpers import ServingState, build_serving_state, wait_until_ready
 from rest_predictor.errors import BatchTooLarge, PredictorLoadError
 from rest_predictor.payloads import parse_v1
 
@@ -56,16 +56,7 @@ def running_predictor(state: ServingState, log_dir: Path, extra_env: dict[str, s
     with log_path.open("w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "rest_predictor.predictor"], env=env, cwd=REPO_ROOT, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        assert proc.poll() is None, f"predictor exited early:\n{log_path.read_text()[-4000:]}"
-        assert time.monotonic() < deadline, f"predictor not ready:\n{log_path.read_text()[-4000:]}"
-        try:
-            if requests.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        time.sleep(0.3)
+    wait_until_ready(proc, url, log_path)
     try:
         yield url, proc
     finally:
