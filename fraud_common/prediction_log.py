@@ -133,7 +133,13 @@ def log_schema(feature_names: Sequence[str]) -> pa.Schema:
 
 
 class _Request(NamedTuple):
-    """One appended request, kept as the caller's arrays until the writer builds columns."""
+    """One appended request, kept as the caller's arrays until the writer builds columns.
+
+    The buffer holds these as plain tuples (``tuple(_Request(...))``) with the user ids as a tuple:
+    the collector stops tracking an exact tuple of strings, numbers and arrays, so a full buffer
+    adds nothing to a full collection. A buffer of NamedTuples and lists made each one walk it:
+    10 ms pauses every half second at 1,500 req/s, the predictor's p99.
+    """
 
     request_id: str
     user_ids: Sequence[str]
@@ -144,6 +150,9 @@ class _Request(NamedTuple):
     model_version: str
     latency_ms: float
     scored_at: float  # seconds since the epoch
+
+
+_USER_IDS = _Request._fields.index("user_ids")
 
 
 class PredictionLogWriter:
@@ -163,7 +172,7 @@ class PredictionLogWriter:
         self._random = random.Random(seed)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._buffer: list[_Request] = []
+        self._buffer: list[tuple] = []  # plain tuples in _Request's order
         self._buffered_rows = 0  # in the buffer
         self._writing_rows = 0  # handed to the writer, not yet in a file
         self._oldest = 0.0  # monotonic time of the buffer's first request
@@ -201,17 +210,17 @@ class PredictionLogWriter:
     ) -> bool:
         """Queue one scored request (all its rows); returns whether it was kept.
 
-        Costs a lock and a list append: no copying, no I/O. The arrays must not be modified
+        Costs a lock and a list append: no copying of the arrays, no I/O. The arrays must not be modified
         afterwards (the predictor builds fresh ones per request).
         """
         rate = self.config.sample_rate
         if rate < 1.0 and (rate == 0.0 or self._random.random() >= rate):
             return False
         rows = len(user_ids)
-        record = _Request(
-            request_id, user_ids, features, scores, decisions, model_name, model_version,
+        record = tuple(_Request(
+            request_id, tuple(user_ids), features, scores, decisions, model_name, model_version,
             latency_seconds * 1000.0, time.time() if scored_at is None else scored_at,
-        )
+        ))
         with self._lock:
             if self._buffered_rows + self._writing_rows + rows > self.config.max_rows:
                 if not self._dropping:  # once per full buffer, not per request
@@ -237,7 +246,7 @@ class PredictionLogWriter:
             return True
         return time.monotonic() - self._oldest >= self.config.max_seconds
 
-    def _take(self) -> list[_Request]:
+    def _take(self) -> list[tuple]:
         """Move the buffer to the writer (caller holds the lock)."""
         batch, self._buffer = self._buffer, []
         self._writing_rows += self._buffered_rows
@@ -257,9 +266,9 @@ class PredictionLogWriter:
                 batch = self._take()
             self._write(batch)
 
-    def _write(self, batch: list[_Request]) -> None:
+    def _write(self, batch: list[tuple]) -> None:
         """Write one file per hour the batch spans; on failure log it and count the rows lost."""
-        rows = sum(len(r.user_ids) for r in batch)
+        rows = sum(len(r[_USER_IDS]) for r in batch)
         try:
             table = self.to_table(batch)
             for uri, part in self._partitions(table):

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import inspect
 import logging
 import threading
@@ -425,8 +426,13 @@ def serve(
     predictor.load()
     server = build_server(settings, predictor)
     use_uvloop()
-    if on_ready is not None:
-        threading.Thread(target=_call_when_ready, args=(settings.serve_port, on_ready), daemon=True).start()
+
+    def ready() -> None:
+        freeze_loaded_heap()
+        if on_ready is not None:
+            on_ready()
+
+    threading.Thread(target=_call_when_ready, args=(settings.serve_port, ready), daemon=True).start()
     log.info("predictor listening on port %d (model %s)", settings.serve_port, SERVED_NAME)
     server.start([predictor])
 
@@ -450,6 +456,14 @@ def _call_when_ready(port: int, on_ready: Callable[[], None], timeout_seconds: f
 def check_loadable(settings: Settings, registry: ModelRegistry | None = None) -> None:
     """Load the predictor once without serving: the local form of a deployment's readiness check."""
     FraudPredictor(settings, registry).load()
+
+
+def freeze_loaded_heap() -> None:
+    """Move everything the ready server holds (Feast, ONNX Runtime, pandas, the model, the app) out
+    of the collector's reach. Requests awaiting a store read outlive the young generations, so full collections come
+    often; without this each one walks the whole loaded heap (~80 ms here, the p99 of the Redis path)."""
+    gc.collect()
+    gc.freeze()
 
 
 def use_uvloop() -> None:

@@ -191,6 +191,25 @@ def test_log_bounds_unwritten_rows_and_never_blocks(settings: Settings, tmp_path
     assert plog.read_log(config.uri, settings, T0, T0 + timedelta(hours=1)).num_rows == 100
 
 
+def test_log_buffer_is_invisible_to_the_garbage_collector(settings: Settings, tmp_path: Path) -> None:
+    # Every full collection walks what the collector tracks: a buffer of tracked rows made the
+    # predictor pause ~10 ms twice a second under load (bench/bench_transactions.py).
+    import gc
+
+    config = plog.PredictionLogConfig(uri=str(tmp_path / "log"), max_rows=10_000, max_seconds=3600)
+    with plog.PredictionLogWriter(config, settings, FEATURES) as writer:
+        for i in range(200):
+            _append(writer, i, T0.timestamp(), users=1 + i % 3)
+        # Collections untrack tuples of untracked values; an outer tuple met before its inner
+        # one waits for the next collection, hence two.
+        gc.collect()
+        gc.collect()
+        with writer._lock:
+            tracked = [record for record in writer._buffer if gc.is_tracked(record)]
+            assert len(writer._buffer) == 200 and not tracked
+    assert writer.written_rows == sum(1 + i % 3 for i in range(200))
+
+
 def test_log_time_bound_writes_a_quiet_buffer(settings: Settings, tmp_path: Path) -> None:
     config = plog.PredictionLogConfig(uri=str(tmp_path / "log"), max_rows=10_000, max_seconds=0.2)
     writer = plog.PredictionLogWriter(config, settings, FEATURES)
