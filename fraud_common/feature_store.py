@@ -12,6 +12,7 @@ artifact, the predictor fetches one into its ``feast_dir`` before opening the st
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -150,17 +151,15 @@ def publish_snapshot(settings: Settings, uri: str) -> list[str]:
             raise SnapshotError(f"nothing to publish: {path} does not exist (run apply first)")
     written = []
     with tempfile.TemporaryDirectory(prefix="feast-publish-") as tmp:
-        snapshot = Path(tmp) / ONLINE_STORE_FILE
-        if ONLINE_STORE_FILE in names:
-            # SQLite's backup API copies a consistent state even if a writer is active.
-            with sqlite3.connect(online) as source, sqlite3.connect(snapshot) as target:
-                source.backup(target)
-        for name, path in ((REGISTRY_FILE, registry), (ONLINE_STORE_FILE, snapshot))[: len(names)]:
+        for name in names:
             destination = storage.join(uri, name)
+            source = registry if name == REGISTRY_FILE else online
             if storage.is_s3(uri):
-                storage.upload(path, destination, settings)
-            else:
-                _copy_atomically(path, Path(destination))
+                staged = Path(tmp) / name
+                _snapshot_file(source, staged)
+                storage.upload(staged, destination, settings)
+            else:  # straight into the target folder: one copy of a file of gigabytes, not two
+                _copy_atomically(source, Path(destination), _snapshot_file)
             written.append(destination)
     log.info("published the feature store to %s", uri)
     return written
@@ -179,7 +178,10 @@ def fetch_snapshot(uri: str, settings: Settings) -> Path:
         for name in names:
             source = storage.join(uri, name)
             try:
-                storage.download(source, Path(tmp) / name, settings)
+                if storage.is_s3(source) or not Path(source).is_file():
+                    storage.download(source, Path(tmp) / name, settings)
+                else:  # a published snapshot on this machine: write-once, so shared, not copied
+                    storage.share_published_file(source, Path(tmp) / name)
             except storage.StorageError as err:
                 raise SnapshotError(f"cannot fetch the Feast store snapshot file {source}: {err}") from err
         for name in names:
@@ -188,12 +190,23 @@ def fetch_snapshot(uri: str, settings: Settings) -> Path:
     return feast_dir
 
 
-def _copy_atomically(source: Path, target: Path) -> None:
+def _snapshot_file(source: Path, target: Path) -> None:
+    """Copy one store file; the SQLite online store through SQLite's backup API, which copies a
+    consistent state even while a writer is active."""
+    if source.name != ONLINE_STORE_FILE:
+        shutil.copyfile(source, target)
+        return
+    Path(target).unlink(missing_ok=True)
+    with contextlib.closing(sqlite3.connect(source)) as db, contextlib.closing(sqlite3.connect(target)) as copy:
+        db.backup(copy)
+
+
+def _copy_atomically(source: Path, target: Path, copy=shutil.copyfile) -> None:  # noqa: ANN001 - a copy function
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        shutil.copyfile(source, tmp)
+        copy(source, Path(tmp))
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

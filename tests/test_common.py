@@ -52,6 +52,28 @@ def test_local_write_is_atomic_and_readable(tmp_path: Path, settings: Settings) 
     assert [p.name for p in target.parent.iterdir()] == ["b.bin"]  # no temporary left behind
 
 
+def test_published_file_is_shared_by_a_read_only_link_or_copied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import os
+    import stat
+
+    source = tmp_path / "run" / "online_store.db"
+    source.parent.mkdir()
+    source.write_bytes(b"snapshot")
+    linked = storage.share_published_file(source, tmp_path / "models" / "v1" / "online_store.db")
+    assert linked.read_bytes() == b"snapshot" and os.stat(linked).st_ino == os.stat(source).st_ino
+    assert stat.S_IMODE(os.stat(source).st_mode) == 0o444  # a writer fails instead of changing both
+    replaced = storage.share_published_file(source, linked)  # over an existing file: a rename, no temp left
+    assert replaced.read_bytes() == b"snapshot" and sorted(p.name for p in linked.parent.iterdir()) == ["online_store.db"]
+
+    def no_links(src: object, dst: object) -> None:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(storage.os, "link", no_links)
+    copied = storage.share_published_file(source, tmp_path / "elsewhere" / "online_store.db")
+    assert copied.read_bytes() == b"snapshot" and os.stat(copied).st_ino != os.stat(source).st_ino
+
+
 def test_s3_round_trip_of_files_and_folders(tmp_path: Path, s3_settings: Settings) -> None:
     folder = tmp_path / "src"
     (folder / "sub").mkdir(parents=True)

@@ -69,7 +69,7 @@ def store_snapshot(local_dir: str | Path, uri: str, settings: Settings) -> str:
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
         for name in files:
-            shutil.copyfile(source / name, staging / name)
+            storage.share_published_file(source / name, staging / name)  # the run's artifact: write-once
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
