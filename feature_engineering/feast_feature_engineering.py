@@ -249,6 +249,8 @@ def apply_and_materialize(
     source = stage_source(settings, prepared_uri)
     _check_source(source)
 
+    if not uses_redis(settings):
+        online_loader.create_sqlite_table(_online_db(settings))  # before Feast's apply creates its own
     store = open_store(settings)
     objects = _definitions(settings, source)
     store.apply(objects)

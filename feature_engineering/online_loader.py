@@ -23,6 +23,7 @@ same version); the byte-equality test fails when a Feast upgrade changes it.
 from __future__ import annotations
 
 import sqlite3
+from contextlib import closing
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -171,6 +172,33 @@ class OnlineWriter(Protocol):
 
     def close(self) -> None:
         """Release connections (and commit)."""
+
+
+def create_sqlite_table(path: Path | str) -> bool:
+    """Create Feast's online table before Feast's apply would; returns whether it did.
+
+    Same name and columns as Feast's own ``CREATE TABLE IF NOT EXISTS``, which then finds it, so
+    Feast reads and writes it as usual. Two differences make it half the size (1.4 GB instead of
+    3.1 GB at 1M users) and faster to load and copy: ``WITHOUT ROWID``, so the primary key is the
+    table rather than a second B-tree beside it; and Feast's ``<table>_ek`` index on
+    ``entity_key`` (which the primary key already leads with) is an empty partial index, so
+    Feast's ``CREATE INDEX IF NOT EXISTS`` finds the name and adds nothing. A store created
+    before this keeps its layout.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = feature_store.SQLITE_TABLE
+    with closing(sqlite3.connect(path)) as db:
+        if db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (table,)).fetchone():
+            return False
+        db.execute(
+            f'CREATE TABLE "{table}" (entity_key BLOB, feature_name TEXT, value BLOB, value_text TEXT, '
+            "vector_value BLOB, event_ts timestamp, created_ts timestamp, PRIMARY KEY(entity_key, feature_name)) "
+            "WITHOUT ROWID"
+        )
+        db.execute(f'CREATE INDEX "{table}_ek" ON "{table}" (entity_key) WHERE 0')
+        db.commit()
+    return True
 
 
 class SqliteWriter:
