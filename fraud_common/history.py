@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Iterable, Mapping
+
+import numpy as np
 
 from fraud_common.schemas import HISTORY_FEATURES
 
@@ -91,26 +93,40 @@ def history_features(state: HistoryState, as_of_us: int) -> tuple[float, ...]:
     )
 
 
-def state_from_features(features: dict[str, float], as_of_us: int) -> HistoryState:
-    """The state behind one prepared row's history features computed at ``as_of_us`` (its event time).
+def state_columns(features: Mapping[str, np.ndarray], as_of_us: np.ndarray) -> dict[str, np.ndarray]:
+    """The states behind prepared rows' history features computed at ``as_of_us`` (their event
+    times), as one array per ``STATE_FIELDS`` name: a whole prepared data set in a few numpy passes.
 
-    Exact for ``count``, ``max`` and both times (microseconds are recovered by rounding); ``total``
-    and ``m2`` are recovered from the mean and the stddev to within a few ulps.
+    Exact for ``count``, ``max`` and both times (microseconds are recovered by rounding, half to
+    even as Python's ``round``); ``total`` and ``m2`` are recovered from the mean and the stddev to
+    within a few ulps. A row with no history gives the empty state (all zeros).
     """
-    n = int(features["num_prev_transactions"])
-    if n == 0:
-        return EMPTY
-    mean = float(features["avg_prev_transaction_amount"])
-    stdv = float(features["stdv_prev_transaction_amount"])
-    return HistoryState(
-        count=n,
-        total=mean * n,
-        mean=mean,
-        m2=stdv * stdv * (n - 1),
-        max=float(features["max_prev_transaction_amount"]),
-        first_us=as_of_us - round(float(features["days_since_first_transaction"]) * MICROS_PER_DAY),
-        last_us=as_of_us - round(float(features["days_since_last_transaction"]) * MICROS_PER_DAY),
-    )
+    count = np.asarray(features["num_prev_transactions"], dtype=np.float64).astype(np.int64)
+    mean = np.asarray(features["avg_prev_transaction_amount"], dtype=np.float64)
+    stdv = np.asarray(features["stdv_prev_transaction_amount"], dtype=np.float64)
+    as_of = np.asarray(as_of_us, dtype=np.int64)
+
+    def micros_before(days_name: str) -> np.ndarray:
+        days = np.asarray(features[days_name], dtype=np.float64)
+        return as_of - np.rint(days * MICROS_PER_DAY).astype(np.int64)
+
+    columns = {
+        "count": count,
+        "total": mean * count,
+        "mean": mean,
+        "m2": stdv * stdv * (count - 1),
+        "max": np.asarray(features["max_prev_transaction_amount"], dtype=np.float64),
+        "first_us": micros_before("days_since_first_transaction"),
+        "last_us": micros_before("days_since_last_transaction"),
+    }
+    empty = count == 0
+    return {name: np.where(empty, 0, columns[name]).astype(columns[name].dtype) for name in STATE_FIELDS}
+
+
+def state_from_features(features: Mapping[str, float], as_of_us: int) -> HistoryState:
+    """``state_columns`` of one prepared row."""
+    columns = state_columns({name: np.array([features[name]]) for name in HISTORY_FEATURES}, np.array([as_of_us]))
+    return HistoryState(*(columns[name][0].item() for name in STATE_FIELDS))
 
 
 # --- Wire form (the online stores keep one short text value per card) -------------------------
@@ -118,7 +134,12 @@ def state_from_features(features: dict[str, float], as_of_us: int) -> HistorySta
 
 def encode(state: HistoryState) -> bytes:
     """``state`` as ``b"count total mean m2 max first_us last_us"`` (floats round-trip exactly)."""
-    return " ".join(repr(getattr(state, name)) for name in STATE_FIELDS).encode()
+    return encode_values(tuple(getattr(state, name) for name in STATE_FIELDS))
+
+
+def encode_values(values: tuple) -> bytes:
+    """``encode`` of a state given as its ``STATE_FIELDS`` values (int, four floats, int, int)."""
+    return " ".join(map(repr, values)).encode()
 
 
 def decode(raw: bytes | str) -> HistoryState:

@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -74,7 +74,7 @@ class HistoryStore(Protocol):
     def record(self, transactions: Sequence[Recorded]) -> None:
         """Apply ``transactions`` to their cards' states, atomically for the whole batch."""
 
-    def seed(self, states: dict[str, HistoryState], marker: str) -> None:
+    def seed(self, states: "SeedStates", marker: str) -> None:
         """Replace every state with ``states`` and remember ``marker`` (what they came from)."""
 
     def seed_marker(self) -> str | None:
@@ -140,14 +140,14 @@ class SqliteHistoryStore:
             raise
         db.execute("COMMIT")
 
-    def seed(self, states: dict[str, HistoryState], marker: str) -> None:
+    def seed(self, states: "SeedStates", marker: str) -> None:
         db = self._connection()
         db.execute("BEGIN IMMEDIATE")
         try:
             db.execute("DELETE FROM user_history")
             db.executemany(
                 f"INSERT INTO user_history VALUES (?, {', '.join('?' * len(history.STATE_FIELDS))})",
-                ((user_id, *_values(state)) for user_id, state in states.items()),
+                states.rows(),
             )
             db.execute("INSERT OR REPLACE INTO history_seed VALUES (1, ?)", (marker,))
         except BaseException:
@@ -238,13 +238,13 @@ class RedisHistoryStore:
         keys, args = record_arguments(transactions)
         self._record(keys=keys, args=args)
 
-    def seed(self, states: dict[str, HistoryState], marker: str) -> None:
+    def seed(self, states: "SeedStates", marker: str) -> None:
         stale = list(self.client.scan_iter(match=REDIS_PREFIX + "*", count=10_000))
         for start in range(0, len(stale), SEED_CHUNK):
             self.client.unlink(*stale[start : start + SEED_CHUNK])
-        items = list(states.items())
-        for start in range(0, len(items), SEED_CHUNK):
-            self.client.mset({self.key(u): history.encode(s) for u, s in items[start : start + SEED_CHUNK]})
+        rows = list(states.rows())
+        for start in range(0, len(rows), SEED_CHUNK):
+            self.client.mset({self.key(u): history.encode_values(tuple(v)) for u, *v in rows[start : start + SEED_CHUNK]})
         self.client.set(REDIS_SEED_KEY, marker)
 
     def seed_marker(self) -> str | None:
@@ -298,7 +298,33 @@ def open_history_store(settings: Settings) -> HistoryStore:
 # --- Seeding from the prepared features ------------------------------------------------------
 
 
-def prepared_states(settings: Settings, prepared_uri: str = "") -> tuple[dict[str, HistoryState], str] | None:
+class SeedStates(Mapping[str, HistoryState]):
+    """Every card's state from the prepared data, as columns (``history.state_columns``): a store
+    seeds 1M cards from them without building 1M objects. Also a read-only mapping user -> state."""
+
+    def __init__(self, users: list[str], columns: dict[str, np.ndarray]) -> None:
+        self.users = users
+        self.columns = columns
+        self._index: dict[str, int] | None = None
+
+    def rows(self) -> Iterator[tuple]:
+        """``(user_id, count, total, mean, m2, max, first_us, last_us)`` per card, as Python values."""
+        return zip(self.users, *(self.columns[name].tolist() for name in history.STATE_FIELDS))
+
+    def __getitem__(self, user_id: str) -> HistoryState:
+        if self._index is None:
+            self._index = {user: i for i, user in enumerate(self.users)}
+        i = self._index[user_id]
+        return HistoryState(*(self.columns[name][i].item() for name in history.STATE_FIELDS))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.users)
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+
+def prepared_states(settings: Settings, prepared_uri: str = "") -> tuple[SeedStates, str] | None:
     """Every user's state behind its prepared history features, and a marker of that data set.
 
     None when there are no prepared features. The marker hashes users, times and features, so a
@@ -325,10 +351,7 @@ def prepared_states(settings: Settings, prepared_uri: str = "") -> tuple[dict[st
     digest.update(times.tobytes())
     for name in schemas.HISTORY_FEATURES:
         digest.update(features[name].tobytes())
-    states = {
-        user: history.state_from_features({name: features[name][i] for name in schemas.HISTORY_FEATURES}, int(times[i]))
-        for i, user in enumerate(users)
-    }
+    states = SeedStates(users, history.state_columns(features, times))
     return states, f"prepared:{len(users)}:{digest.hexdigest()[:24]}"
 
 

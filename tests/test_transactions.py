@@ -426,3 +426,13 @@ def test_seed_states_come_from_the_prepared_features(state: ServingState, seed_h
         np.testing.assert_allclose(got, row[list(schemas.HISTORY_FEATURES)].to_numpy(dtype=float), rtol=1e-6, atol=1e-6)
     assert marker == prepared_states(state.settings)[1]  # same data, same marker: no re-seed
     assert isinstance(states[schemas.user_id(0)], HistoryState)
+
+
+def test_both_stores_seed_exactly_the_prepared_states(store, state: ServingState) -> None:  # noqa: ANN001 - a store
+    # The seed writes columns (no per-card objects); what each store then reads must be exactly
+    # the state the mapping gives for that card, for every card.
+    states, marker = prepared_states(state.settings)
+    store.seed(states, marker)
+    users = list(states)
+    assert store.read(users) == [states[user] for user in users]
+    assert sum(s.count > 0 for s in store.read(users)) > 0 and store.seed_marker() == marker
