@@ -319,12 +319,12 @@ def apply_and_materialize(
 
 def _namespaces_in_use(settings: Settings):  # noqa: ANN202 - serving.NamespacesInUse | None
     """What the registry needs of the namespaces; None (logged) when it cannot say."""
-    from fraud_common.registry import RegistryError, open_registry
+    from fraud_common.registry import open_registry
     from fraud_common.registry.serving import namespaces_in_use
 
     try:
         return namespaces_in_use(open_registry(settings), settings.model_name, settings)
-    except (RegistryError, SnapshotError, storage.StorageError, OSError, ImportError) as err:
+    except Exception as err:  # noqa: BLE001 - whatever the failure, the answer is "unknown"
         log.warning("cannot tell which online namespaces versions use (%s): none deleted, none reused", err)
         return None
 
@@ -375,7 +375,7 @@ def collect_namespaces(settings: Settings, keep: Sequence[str] = ()) -> list[str
     in_use = _namespaces_in_use(settings)
     if in_use is None:
         return []
-    return _collect(settings, redis_client(settings), in_use, keep={*keep, read_namespace(settings.feast_dir)} - {""})
+    return _collect(settings, redis_client(settings), in_use, keep=set(keep))
 
 
 def _collect(settings: Settings, client, in_use, keep: set[str]) -> list[str]:  # noqa: ANN001
