@@ -323,3 +323,68 @@ def test_predictor_refuses_a_deleted_namespace(redis_url: str, tmp_path: Path) -
     online_loader.delete_namespace(client(settings), project)
     with pytest.raises(PredictorLoadError, match=f"online namespace {project} holds no rows"):
         OnlineFeatureReader.open(settings, schemas.MODEL_FEATURES, "bulk")
+
+
+# --- The pipeline's steps carry the namespace --------------------------------------------------------
+
+
+def test_pipeline_steps_carry_the_namespace_to_what_serve_deploys(
+    redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The KFP feature step's artifact names its namespace, historical retrieval reads that
+    project, and the serve step deploys the champion reading the champion's namespace, though a
+    later run's feature step wrote other data since."""
+    from kfp.dsl import Artifact, Dataset
+
+    from fraud_common.registry import open_registry
+    from fraud_common.registry.serving import serving_record, snapshot_of, store_snapshot, version_store_uri
+    from pipeline import components
+    from rest_predictor.predictor import FraudPredictor
+    from test_canary import logistic_onnx
+
+    settings = redis_settings(tmp_path, redis_url)
+    monkeypatch.setenv("FRAUD_HOME", str(settings.home))
+    monkeypatch.setenv("FRAUD_ONLINE_STORE_URL", redis_url)
+    first, second = label_features(200, seed=21), label_features(200, seed=22)
+
+    def feature_step(run: str, data: pd.DataFrame) -> Artifact:
+        prepared = write_prepared(tmp_path / run / "data", data).parent
+        store = Artifact(name="feature_store", uri=str(tmp_path / run / "feature_store"))
+        components.feature_engineering.python_func(prepared=Dataset(name="prepared", uri=str(prepared)), feature_store=store)
+        training = Dataset(name="training_set", uri=str(tmp_path / run / "training.parquet"))
+        components.retrieve_features.python_func(prepared=Dataset(name="prepared", uri=str(prepared)),
+                                                 feature_store=store, training_set=training)
+        assert len(pd.read_parquet(training.path)) == len(data)
+        return store
+
+    store = feature_step("run1", first)
+    project = read_namespace(store.path)
+    assert project.startswith("fraud_detection_r") and store.metadata["online_project"] == project
+    assert feature_store.NAMESPACE_FILE in store.metadata["files"]
+    model_uri = str(logistic_onnx(Path(settings.models_uri) / "v1" / "model.onnx", np.zeros(13), 0.0, 0.5))
+    snapshot = store_snapshot(store.path, version_store_uri(model_uri), settings)
+    registry = open_registry(settings)
+    registry.register(settings.model_name, "v1", model_uri, {
+        "threshold": 0.5, "feature_names": list(schemas.MODEL_FEATURES), "passed_gate": True,
+        "serving": serving_record(snapshot, list(schemas.MODEL_FEATURES), "sha256:1", {}),
+    })
+    registry.set_alias(settings.model_name, "champion", "v1", "test", "first")
+    later = feature_step("run2", second)  # a later run: other data, its own namespace
+    assert read_namespace(later.path) != project
+
+    record = {"model_name": settings.model_name, "model_version": "v1",
+              "feast_snapshot_uri": snapshot_of(registry.get_version(settings.model_name, "v1"))}
+    endpoint = Artifact(name="endpoint", uri=str(tmp_path / "endpoint"))
+    components.serve.python_func(platform="local", namespace="ns", service_name="svc", predictor_image="img",
+                                 serve_timeout_seconds=60, registered_model=Artifact(name="registered_model",
+                                 uri=str(tmp_path / "registered"), metadata=record), feature_store=later, endpoint=endpoint)
+    assert endpoint.metadata["feast_snapshot_uri"] == record["feast_snapshot_uri"]
+    # What that check loaded, and what a pod given the same settings serves:
+    served = FraudPredictor(Settings.from_env().with_overrides(
+        serve_model_version="v1", feast_snapshot_uri=record["feast_snapshot_uri"], feast_dir=str(tmp_path / "pod")))
+    served.load()
+    assert served.features.store.config.project == project
+    users = [schemas.user_id(i) for i in range(200)]
+    rows, missing = served.features.read(users)
+    expected = first.set_index(schemas.ENTITY_KEY).loc[users, list(schemas.MODEL_FEATURES)].astype("float32").to_numpy()
+    assert missing == [] and np.array_equal(rows, expected)
