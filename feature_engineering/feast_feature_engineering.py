@@ -362,7 +362,7 @@ def _enter_namespace(settings: Settings) -> list[str]:
         (Path(settings.feast_dir) / REGISTRY_FILE).unlink(missing_ok=True)
         write_namespace(settings.feast_dir, project)
     log.info("online namespace %s (%s)", project, "reused: no version records it" if reusable else "new")
-    return _collect(settings, client, in_use, keep={project}) if in_use is not None else []
+    return _collect(client, in_use, keep={project}) if in_use is not None else []
 
 
 def collect_namespaces(settings: Settings, keep: Sequence[str] = ()) -> list[str]:
@@ -375,10 +375,10 @@ def collect_namespaces(settings: Settings, keep: Sequence[str] = ()) -> list[str
     in_use = _namespaces_in_use(settings)
     if in_use is None:
         return []
-    return _collect(settings, redis_client(settings), in_use, keep=set(keep))
+    return _collect(redis_client(settings), in_use, keep=set(keep))
 
 
-def _collect(settings: Settings, client, in_use, keep: set[str]) -> list[str]:  # noqa: ANN001
+def _collect(client, in_use, keep: set[str]) -> list[str]:  # noqa: ANN001 - redis.Redis, serving.NamespacesInUse
     """Delete every listed namespace except: ``keep``; the registry's (champion, challenger,
     rollback target, versions registered and not yet decided); and young ones no version records
     (runs in progress). The base project's rows (from before namespaces) count as listed."""
