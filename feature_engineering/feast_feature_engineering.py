@@ -5,7 +5,8 @@ Public API (the pipeline and the predictor use these):
 * ``apply_and_materialize(settings, end_date=None, full=False, prepared_uri=None) -> MaterializeReport``
 * ``retrieve_training_data(settings, out_path=None, missing="error", prepared_uri=None) -> pandas.DataFrame``
 * ``open_store(settings) -> feast.FeatureStore``
-* ``main(argv)``: ``python feast_feature_engineering.py apply|retrieve|publish|fetch|config ...``
+* ``collect_namespaces(settings) -> list[str]``: delete the Redis namespaces no version needs
+* ``main(argv)``: ``python feast_feature_engineering.py apply|retrieve|publish|fetch|gc|config ...``
 
 ``prepared_uri`` is the folder data preparation wrote (``features/`` and ``entities/``); by
 default ``settings.prepared_uri``, in the pipeline the input artifact's path. The online store is
@@ -14,6 +15,13 @@ snapshot of it: ``fraud_common.feature_store.publish_snapshot`` / ``fetch_snapsh
 shared Redis of ``FRAUD_ONLINE_STORE_URL`` that every predictor replica reads live (the cluster's).
 Materialization writes Feast's own online layout in bulk (``feature_engineering.online_loader``)
 instead of ``FeatureStore.materialize``, which converts and writes row by row.
+
+With Redis every run writes a namespace of its own (a Feast project ``fraud_detection_<tag>``,
+recorded in ``feast_dir`` and so in the run's snapshot): the rows a registered version reads are
+never written again, and a run the gates refuse changes nothing served. The namespace of
+``feast_dir`` is reused (rewriting only changed users) while no registered version records it;
+otherwise the step starts a new one, which is a full write. Before writing, the step deletes the
+namespaces the registry no longer needs (``collect_namespaces``).
 """
 
 from __future__ import annotations
@@ -43,13 +51,20 @@ from fraud_common.artifacts import IGNORED_PREFIXES, arrow_filesystem
 from fraud_common.feature_store import (
     FEATURE_SERVICE,
     FEATURE_VIEW,
+    NAMESPACES_KEY,
     ONLINE_STORE_FILE,
     PROJECT,
+    REGISTRY_FILE,
     SnapshotError,
     fetch_snapshot,
+    new_namespace,
+    online_project,
     publish_snapshot,
+    read_namespace,
+    redis_digest_key,
     store_config,
     uses_redis,
+    write_namespace,
 )
 from fraud_common.logs import get_logger, setup_logging
 from fraud_common.settings import Settings
@@ -85,6 +100,8 @@ class MaterializeReport:
     apply_seconds: float
     materialize_seconds: float
     seconds: float
+    online_project: str = PROJECT  # the Feast project written: with Redis, the run's namespace
+    namespaces_deleted: tuple[str, ...] = ()  # Redis namespaces no version needed any more
 
     @property
     def rows_per_second(self) -> float:
@@ -93,7 +110,8 @@ class MaterializeReport:
 
     def to_dict(self) -> dict:
         """The report as plain JSON-able data."""
-        return {**asdict(self), "rows_per_second": round(self.rows_per_second, 1)}
+        return {**asdict(self), "namespaces_deleted": list(self.namespaces_deleted),
+                "rows_per_second": round(self.rows_per_second, 1)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,20 +219,26 @@ def _check_source(path: Path) -> None:
 
 
 def open_writer(settings: Settings) -> online_loader.OnlineWriter:
-    """The bulk writer of the configured online store (``store_config``): SQLite or Redis."""
+    """The bulk writer of the configured online store (``store_config``): SQLite, or Redis in the
+    namespace ``feast_dir`` records."""
     if uses_redis(settings):
-        import redis
-
-        try:
-            client = redis.Redis.from_url(settings.online_store_client_url)
-            client.ping()
-        except redis.RedisError as err:
-            raise FeatureStoreError(f"cannot reach the online store {_redacted(settings.online_store_url)}: {err}") from err
-        return online_loader.RedisWriter(client)
+        return online_loader.RedisWriter(redis_client(settings), online_project(settings))
     try:
         return online_loader.SqliteWriter(_online_db(settings))
     except online_loader.LoadError as err:
         raise FeatureStoreError(str(err)) from err
+
+
+def redis_client(settings: Settings):  # noqa: ANN201 - redis.Redis
+    """A connected client of the Redis online store; FeatureStoreError (password redacted) if unreachable."""
+    import redis
+
+    try:
+        client = redis.Redis.from_url(settings.online_store_client_url)
+        client.ping()
+    except redis.RedisError as err:
+        raise FeatureStoreError(f"cannot reach the online store {_redacted(settings.online_store_url)}: {err}") from err
+    return client
 
 
 def _redacted(url: str) -> str:
@@ -249,8 +273,12 @@ def apply_and_materialize(
     source = stage_source(settings, prepared_uri)
     _check_source(source)
 
-    if not uses_redis(settings):
+    deleted: list[str] = []
+    if uses_redis(settings):
+        deleted = _enter_namespace(settings)
+    else:
         online_loader.create_sqlite_table(_online_db(settings))  # before Feast's apply creates its own
+    project = online_project(settings)
     store = open_store(settings)
     objects = _definitions(settings, source)
     store.apply(objects)
@@ -265,7 +293,7 @@ def apply_and_materialize(
     except online_loader.LoadError as err:
         raise FeatureStoreError(f"{source}: {err}") from err
     mode = "full" if full or loaded.users_before == 0 else "incremental"
-    store.registry.apply_materialization(view, PROJECT, EPOCH, end)
+    store.registry.apply_materialization(view, project, EPOCH, end)
     materialized = time.perf_counter()
 
     report = MaterializeReport(
@@ -280,9 +308,102 @@ def apply_and_materialize(
         apply_seconds=round(applied - started, 3),
         materialize_seconds=round(materialized - applied, 3),
         seconds=round(time.perf_counter() - started, 3),
+        online_project=project,
+        namespaces_deleted=tuple(deleted),
     )
     log.info("materialized: %s", report.to_dict())
     return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Redis namespaces
+
+
+def _namespaces_in_use(settings: Settings):  # noqa: ANN202 - serving.NamespacesInUse | None
+    """What the registry needs of the namespaces; None (logged) when it cannot say."""
+    from fraud_common.registry import open_registry
+    from fraud_common.registry.serving import namespaces_in_use
+
+    try:
+        return namespaces_in_use(open_registry(settings), settings.model_name, settings)
+    except Exception as err:  # noqa: BLE001 - whatever the failure, the answer is "unknown"
+        log.warning("cannot tell which online namespaces versions use (%s): none deleted, none reused", err)
+        return None
+
+
+def _created(raw: bytes | None) -> datetime:
+    try:
+        return datetime.fromisoformat(json.loads(raw or b"{}")["created"])
+    except (ValueError, KeyError, TypeError):
+        return EPOCH  # unreadable: as old as can be (never a run in progress)
+
+
+def _enter_namespace(settings: Settings) -> list[str]:
+    """Pick the namespace this feature step writes and record it in ``feast_dir``; delete the
+    namespaces nobody needs first (memory stays bounded). Returns the deleted ones.
+
+    ``feast_dir``'s namespace is reused while no registered version records it and it is young
+    (a rerun of the same run: only changed users are written); else a new one is created and the
+    folder's registry starts afresh, holding that project only.
+    """
+    from fraud_common.registry.serving import NAMESPACE_GRACE
+
+    client = redis_client(settings)
+    in_use = _namespaces_in_use(settings)
+    current = read_namespace(settings.feast_dir)
+    young = datetime.now(timezone.utc) - NAMESPACE_GRACE
+    reusable = (
+        in_use is not None and current not in ("", PROJECT) and current not in in_use.kept
+        and current not in in_use.claimed and _created(client.hget(NAMESPACES_KEY, current)) >= young
+    )
+    project = current if reusable else new_namespace()
+    if not reusable:
+        stamp = json.dumps({"created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        client.hsetnx(NAMESPACES_KEY, project, stamp)  # listed before any row exists: always collectable
+        Path(settings.feast_dir).mkdir(parents=True, exist_ok=True)
+        (Path(settings.feast_dir) / REGISTRY_FILE).unlink(missing_ok=True)
+        write_namespace(settings.feast_dir, project)
+    log.info("online namespace %s (%s)", project, "reused: no version records it" if reusable else "new")
+    return _collect(client, in_use, keep={project}) if in_use is not None else []
+
+
+def collect_namespaces(settings: Settings, keep: Sequence[str] = ()) -> list[str]:
+    """Delete the Redis namespaces no version needs (see ``_collect``); returns the deleted ones.
+
+    Nothing is deleted when the registry cannot be read. SQLite stores have none: returns [].
+    """
+    if not uses_redis(settings):
+        return []
+    in_use = _namespaces_in_use(settings)
+    if in_use is None:
+        return []
+    return _collect(redis_client(settings), in_use, keep=set(keep))
+
+
+def _collect(client, in_use, keep: set[str]) -> list[str]:  # noqa: ANN001 - redis.Redis, serving.NamespacesInUse
+    """Delete every listed namespace except: ``keep``; the registry's (champion, challenger,
+    rollback target, versions registered and not yet decided); and young ones no version records
+    (runs in progress). The base project's rows (from before namespaces) count as listed."""
+    from fraud_common.registry.serving import NAMESPACE_GRACE
+
+    listed = {name.decode(): _created(raw) for name, raw in client.hgetall(NAMESPACES_KEY).items()}
+    if client.exists(redis_digest_key(PROJECT)):
+        listed.setdefault(PROJECT, EPOCH)
+    young = datetime.now(timezone.utc) - NAMESPACE_GRACE
+    deleted = []
+    for project, created in sorted(listed.items()):
+        if project in keep or project in in_use.kept:
+            continue
+        if project not in in_use.claimed and created >= young:
+            continue  # a run in progress
+        started = time.perf_counter()
+        removed = online_loader.delete_namespace(client, project)
+        client.hdel(NAMESPACES_KEY, project)
+        why = f"recorded by {in_use.claimed[project]}, not served" if project in in_use.claimed else "no longer needed"
+        log.info("deleted online namespace %s (%s): %d users in %.2fs", project, why, removed, time.perf_counter() - started)
+        deleted.append(project)
+    log.info("online namespaces kept: %s", {**{p: "this run" for p in keep}, **in_use.kept})
+    return deleted
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,6 +536,7 @@ def _parser() -> argparse.ArgumentParser:
     publish.add_argument("uri")
     fetch = commands.add_parser("fetch", help="download a published store into the local feast dir")
     fetch.add_argument("uri")
+    commands.add_parser("gc", help="delete the Redis online namespaces no registered version needs")
     commands.add_parser("config", help="print feature_store.yaml for the Feast CLI (from the settings)")
     return parser
 
@@ -434,6 +556,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = {"written": publish_snapshot(settings, args.uri)}
         elif args.command == "fetch":
             result = {"feast_dir": str(fetch_snapshot(args.uri, settings))}
+        elif args.command == "gc":
+            result = {"deleted": collect_namespaces(settings)}
         else:
             print(feature_store_yaml(settings), end="")
             return 0

@@ -10,8 +10,11 @@ written it; ``tests/test_feature_store.py`` compares the two byte for byte, for 
   8 bytes little-endian`` built with numpy, booleans and counts through ``ValueProto`` once per
   distinct value. Keys and field names: ``fraud_common.feature_store`` (shared with the reader).
 * What changed: a 64-bit digest per user over its values and timestamps, kept in the store
-  itself (a table beside Feast's in SQLite, one hash in Redis), so every writer of a shared
-  store sees the same state. A rerun on the same data writes nothing.
+  itself (a table beside Feast's in SQLite, one hash per namespace in Redis), so every writer of
+  a shared store sees the same state. A rerun on the same data writes nothing; a new Redis
+  namespace starts empty, so its first load writes every user.
+* Redis namespaces: a writer writes one Feast project (``fraud_common.feature_store``: the
+  feature step's per-run namespace); ``delete_namespace`` removes one (UNLINK over a SCAN).
 * SQLite: one transaction of sorted upserts (``INSERT .. ON CONFLICT``, as Feast's statement).
 * Redis: the HSET commands are packed as RESP bytes here and sent on one connection in chunks;
   the server answers each with the number of fields it created, which is checked.
@@ -43,7 +46,9 @@ CHECKED_FEAST_VERSION = "0.67.0"
 # Users per write batch: bounds memory (~13 rows of ~100 bytes each per user) at 1M users.
 CHUNK_USERS = 20_000
 DIGEST_TABLE = f"{PROJECT}_{FEATURE_VIEW}__digests"
-REDIS_DIGEST_KEY = f"fraud:materialized:{PROJECT}:{FEATURE_VIEW}".encode()
+REDIS_DIGEST_KEY = feature_store.redis_digest_key(PROJECT)  # the base project's
+# Keys per SCAN step and per UNLINK when a namespace is deleted.
+DELETE_BATCH = 5_000
 
 
 class LoadError(RuntimeError):
@@ -279,17 +284,22 @@ def _feast_sqlite_time(moment: pd.Timestamp) -> int:
 
 class RedisWriter:
     """Feast's Redis layout: a hash per entity (key: entity key + project), a field per feature
-    (murmur3 of ``view:feature``) and ``_ts:<view>`` (the event time as a Timestamp proto)."""
+    (murmur3 of ``view:feature``) and ``_ts:<view>`` (the event time as a Timestamp proto).
 
-    def __init__(self, client) -> None:  # noqa: ANN001 - redis.Redis
+    ``project`` is the namespace written (the base project by default); its digests live in
+    ``feature_store.redis_digest_key(project)``.
+    """
+
+    def __init__(self, client, project: str = PROJECT) -> None:  # noqa: ANN001 - redis.Redis
         self.client = client
-        self.project = PROJECT.encode()
+        self.project = feature_store.check_namespace(project).encode()
+        self.digest_key = feature_store.redis_digest_key(project)
         self.fields = {name: feature_store.redis_field(name) for name in schemas.MODEL_FEATURES}
         self.ts_field = feature_store.REDIS_TS_FIELD
 
     def previous_digests(self) -> dict[str, int]:
         found: dict[str, int] = {}
-        for user, digest in self.client.hscan_iter(REDIS_DIGEST_KEY, count=10_000):
+        for user, digest in self.client.hscan_iter(self.digest_key, count=10_000):
             found[user.decode()] = int(digest)
         return found
 
@@ -308,7 +318,7 @@ class RedisWriter:
             parts.append(ts_field)
             parts.append(_resp_bulk(stamps[i]))
             commands.append(b"".join(parts))
-        digests_command = [b"HSET", REDIS_DIGEST_KEY]
+        digests_command = [b"HSET", self.digest_key]
         for user, digest in zip(chunk.user_ids, chunk_digests.tolist()):
             digests_command += [user.encode(), str(digest).encode()]
         commands.append(b"*%d\r\n" % len(digests_command) + b"".join(_resp_bulk(p) for p in digests_command))
@@ -327,13 +337,37 @@ class RedisWriter:
             self.client.connection_pool.release(connection)
 
     def count(self) -> int:
-        return int(self.client.hlen(REDIS_DIGEST_KEY))
+        return int(self.client.hlen(self.digest_key))
 
     def close(self) -> None:
         self.client.close()
 
     def abort(self) -> None:
         self.client.close()
+
+
+def delete_namespace(client, project: str) -> int:  # noqa: ANN001 - redis.Redis
+    """Remove every row of the namespace ``project`` and its digests; returns the user hashes removed.
+
+    The digests go first (a predictor refuses to open a namespace without them, so a half-deleted
+    one is never served), then the users' hashes, found by SCAN over the namespace's key pattern
+    and checked to be exactly Feast keys of that project, UNLINKed in batches (freed off the
+    server's main thread). Card histories and other projects' keys never match.
+    """
+    feature_store.check_namespace(project)
+    client.unlink(feature_store.redis_digest_key(project))
+    removed = 0
+    batch: list[bytes] = []
+    for key in client.scan_iter(match=feature_store.redis_key_pattern(project), count=DELETE_BATCH):
+        if feature_store.redis_key_project(key) != project:
+            continue
+        batch.append(key)
+        if len(batch) >= DELETE_BATCH:
+            removed += int(client.unlink(*batch))
+            batch = []
+    if batch:
+        removed += int(client.unlink(*batch))
+    return removed
 
 
 def _resp_bulk(data: bytes) -> bytes:

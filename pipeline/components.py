@@ -98,20 +98,21 @@ def feature_engineering(
 ):
     """Apply the Feast definitions, materialize ``prepared`` online, publish the store as ``feature_store``."""
     from fraud_common.artifacts import file_summary, pipeline_step
-    from fraud_common.feature_store import SNAPSHOT_FILES, publish_snapshot
+    from fraud_common.feature_store import optional_snapshot_files, publish_snapshot, snapshot_files
     from feature_engineering.feast_feature_engineering import apply_and_materialize
 
     with pipeline_step(feature_store) as settings:
         report = apply_and_materialize(settings, prepared_uri=prepared.path)
-        # The snapshot (registry + a consistent copy of the SQLite online store) is what later
-        # steps and the predictor pods read; a production store would be Redis or Postgres.
+        # The snapshot is what later steps and the predictor pods read: the registry and a
+        # consistent copy of the SQLite online store, or with the shared Redis the registry and
+        # the run's namespace (online_namespace.json), which registration copies beside the model.
         publish_snapshot(settings, feature_store.path)
         feature_store.metadata.update(
             {
                 **report.to_dict(),
                 "rows_materialized": report.rows_in_window,
                 "online_users": report.online_users_after,
-                **file_summary(feature_store.path, SNAPSHOT_FILES),
+                **file_summary(feature_store.path, snapshot_files(settings) + optional_snapshot_files(settings)),
             }
         )
 
@@ -128,13 +129,16 @@ def retrieve_features(
     from pathlib import Path
 
     from fraud_common.artifacts import parquet_summary, pipeline_step, storage_uri
-    from fraud_common.feature_store import REGISTRY_FILE
+    from fraud_common.feature_store import NAMESPACE_FILE, REGISTRY_FILE
     from feature_engineering.feast_feature_engineering import retrieve_training_data
 
     with tempfile.TemporaryDirectory(prefix="feast-registry-") as feast_dir:
         with pipeline_step(training_set, feast_dir=feast_dir) as settings:
-            # Historical retrieval needs the registry only; a copy keeps the input artifact as it is.
-            shutil.copyfile(Path(feature_store.path) / REGISTRY_FILE, Path(feast_dir) / REGISTRY_FILE)
+            # Historical retrieval needs the registry only (and, with Redis, the namespace naming
+            # its project); a copy keeps the input artifact as it is.
+            for name in (REGISTRY_FILE, NAMESPACE_FILE):
+                if (Path(feature_store.path) / name).is_file():
+                    shutil.copyfile(Path(feature_store.path) / name, Path(feast_dir) / name)
             retrieve_training_data(settings, out_path=Path(training_set.path), prepared_uri=prepared.path)
             training_set.metadata.update({**parquet_summary(training_set.path, settings), "format": "parquet",
                                           # the version records it: the predictor seeds card histories from it
@@ -409,9 +413,12 @@ def serve(
             from pipeline.docker import start_predictor
 
             # The predictor container fetches its store snapshot by URI, as a pod does: publish
-            # this version's snapshot to the object store first.
-            snapshot = storage.join(settings.data_uri, "serving", name, version, "feature_store")
-            storage.upload(feature_store.path, snapshot, settings)
+            # the served version's own snapshot (its recorded one; this run's only for a version
+            # from before such records) to the object store first.
+            published = storage.join(settings.data_uri, "serving", name, version, "feature_store")
+            with storage.local_copy(registered_model.metadata.get("feast_snapshot_uri") or feature_store.path, settings) as local:
+                storage.upload(local, published, settings)
+            snapshot = published
             url = start_predictor(settings, predictor_image, service_name, name, version, serve_timeout_seconds,
                                   Path(endpoint.path).parent / "predictor.log", feast_snapshot_uri=snapshot)
         else:

@@ -17,6 +17,10 @@ Two readers return the same ``[n, 13]`` matrix (``tests/test_predictor.py`` chec
 
 ``feature_read="auto"`` (the default) takes the bulk read when the installed Feast is the checked
 version and the public path otherwise; ``"public"``, ``"provider"`` and ``"bulk"`` force one.
+
+With Redis all three read the Feast project of the store's registry: the namespace the served
+version's snapshot records (``fraud_common.feature_store.online_project``). Opening a namespace
+whose rows were deleted (no version needed it any more) fails instead of serving unknown users.
 """
 
 from __future__ import annotations
@@ -55,6 +59,27 @@ def fetch_snapshot(settings: Settings) -> None:
 FEATURE_READS = ("auto", "public", "provider", "bulk")
 
 
+def check_namespace_present(settings: Settings) -> None:
+    """With Redis and a namespace recorded, that namespace's rows must exist (its digests are
+    written with every row and deleted first): else PredictorLoadError naming it."""
+    project = feature_store.online_project(settings)
+    if project == feature_store.PROJECT:
+        return  # the base project: from before namespaces, written by any loader
+    import redis
+
+    try:
+        client = redis.Redis.from_url(settings.online_store_client_url)
+        present = bool(client.exists(feature_store.redis_digest_key(project)))
+        client.close()
+    except redis.RedisError as err:
+        raise PredictorLoadError(f"the Redis online store cannot be read: {err}") from err
+    if not present:
+        raise PredictorLoadError(
+            f"the online namespace {project} holds no rows (deleted as no longer needed, or never written): "
+            "this version cannot be served; promote another one"
+        )
+
+
 class OnlineFeatureReader:
     """Reads the feature service's features for a list of users through ``get_online_features``."""
 
@@ -84,6 +109,7 @@ class OnlineFeatureReader:
         registry_file = Path(store_config(settings)["registry"])
         if not registry_file.is_file():
             raise PredictorLoadError(f"no Feast registry at {registry_file}: apply and materialize the feature repo first")
+        check_namespace_present(settings)
         try:
             store = FeatureStore(config=RepoConfig(**store_config(settings)))
             return reader_class(store, feature_names, settings)
@@ -196,6 +222,7 @@ class BulkOnlineRead(ProviderOnlineRead):
             if settings is None or not settings.online_store_url:
                 raise PredictorLoadError("the Redis online store needs FRAUD_ONLINE_STORE_URL")
             self.client = redis.Redis.from_url(settings.online_store_client_url)
+            self.project = self._config.project  # the served version's namespace
             self.fields = [feature_store.redis_field(name) for name in self.feature_names]
             self._script = self.client.register_script(_REDIS_READ)
         elif self.kind == "sqlite":
@@ -278,7 +305,7 @@ class BulkOnlineRead(ProviderOnlineRead):
         return values, lengths, present
 
     def _read_redis(self, users: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        keys = [feature_store.redis_key(u) for u in users]
+        keys = [feature_store.redis_key(u, self.project) for u in users]
         raw = self._script(keys=keys, args=[RECORD_WIDTH, *self.fields])
         records = np.frombuffer(raw, dtype=np.uint8).reshape(len(users), len(self.fields), RECORD_WIDTH)
         lengths = records[:, :, 0].astype(np.int64)

@@ -22,6 +22,7 @@ from fraud_common.feature_store import (
     publish_snapshot,
     redis_connection_string,
     store_config,
+    write_namespace,
 )
 from fraud_common.settings import Settings
 from helpers import feature_rows
@@ -328,6 +329,12 @@ def test_bulk_load_writes_exactly_what_feast_materialize_writes(kind: str, tmp_p
         write_prepared(settings.data_uri, features, entities, settings)
     report = fe.apply_and_materialize(bulk, end_date=END)
     assert report.users_written == features[schemas.ENTITY_KEY].nunique()
+    if kind == "redis":
+        # The loader wrote the run's own namespace; Feast materializes into the same project.
+        assert report.online_project.startswith("fraud_detection_r")
+        write_namespace(feast.feast_dir, report.online_project)
+    else:
+        assert report.online_project == "fraud_detection"  # SQLite: the one project, as before
     store = fe.open_store(feast)
     store.apply(fe._definitions(feast, fe.stage_source(feast)))
     store.materialize(start_date=fe.EPOCH, end_date=END)
@@ -337,6 +344,7 @@ def test_bulk_load_writes_exactly_what_feast_materialize_writes(kind: str, tmp_p
     else:
         assert _redis_hashes(redis_servers[0]) == _redis_hashes(redis_servers[1])
         assert len(_redis_hashes(redis_servers[0])) == report.users_written
+        assert all(key.endswith(report.online_project.encode()) for key in _redis_hashes(redis_servers[0]))
     # And Feast's public read of what the loader wrote gives the latest row per user.
     users = sorted(features[schemas.ENTITY_KEY].unique())
     online = online_values(bulk, users)
