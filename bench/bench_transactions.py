@@ -158,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--push-share", type=float, default=0.1)
     parser.add_argument("--batch-requests", type=int, default=50)
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "fraud-bench"))
+    parser.add_argument(
+        "--batch-only", action="store_true",
+        help="only part 2 (batches of 1,000) at --users, e.g. 1000000; added to the results as "
+        "batch_1000_end_to_end_by_users, the rest of the file kept",
+    )
     args = parser.parse_args(argv)
 
     import psutil
@@ -187,16 +192,17 @@ def main(argv: list[str] | None = None) -> int:
         "users": args.users,
     }
     try:
-        # 1. Push throughput, store level, same run.
-        pushes: dict = {}
-        for name, store in (("redis", RedisHistoryStore(redis_url)), ("sqlite", SqliteHistoryStore(work / "history.db"))):
-            pushes[name] = {
-                "single": push_throughput(store, args.users, args.single_pushes, 1),
-                "batch_1000": push_throughput(store, args.users, args.pushes, 1000),
-            }
-            store.close()
-            print(f"push into {name}: {pushes[name]}", flush=True)
-        results["push_store_level"] = pushes
+        if not args.batch_only:
+            # 1. Push throughput, store level, same run.
+            pushes: dict = {}
+            for name, store in (("redis", RedisHistoryStore(redis_url)), ("sqlite", SqliteHistoryStore(work / "history.db"))):
+                pushes[name] = {
+                    "single": push_throughput(store, args.users, args.single_pushes, 1),
+                    "batch_1000": push_throughput(store, args.users, args.pushes, 1000),
+                }
+                store.close()
+                print(f"push into {name}: {pushes[name]}", flush=True)
+            results["push_store_level"] = pushes
 
         # 2. Scoring with pushes, one predictor per store, phases alternating.
         ports = {"sqlite": free_port(), "redis": free_port()}
@@ -220,6 +226,18 @@ def main(argv: list[str] | None = None) -> int:
             name: batch_latency(port, args.users, args.batch_requests) for name, port in ports.items()
         }
         print(f"batch of 1000: {results['batch_1000_end_to_end']}", flush=True)
+        if args.batch_only:
+            previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+            by_users = previous.get("batch_1000_end_to_end_by_users", {})
+            by_users[str(args.users)] = {
+                **results["batch_1000_end_to_end"], "when": results["when"],
+                "load_avg": [round(x, 2) for x in os.getloadavg()],
+            }
+            results = {**previous, "batch_1000_end_to_end_by_users": by_users}
+            for proc in servers.values():
+                proc.terminate()
+                proc.wait(timeout=60)
+            return _write(results)
         results["push_route_batch_1000"] = {
             name: route_throughput(port, args.users, args.pushes // 2, 1000) for name, port in ports.items()
         }
@@ -248,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
         redis_server.shutdown()
         shutil.rmtree(work, ignore_errors=True)
     results["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    return _write(results)
+
+
+def _write(results: dict) -> int:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {RESULTS}")
