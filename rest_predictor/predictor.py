@@ -486,8 +486,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--log-level", help="log level (default: FRAUD_LOG_LEVEL)")
     parser.add_argument(
         "--feature-read", choices=FEATURE_READS, default="auto",
-        help="online read: auto (default: the provider adapter on the Feast version it was checked "
-        "against, else get_online_features), public or provider",
+        help="online read: auto (default: the bulk read of Feast's layout on the Feast version it was "
+        "checked against, else get_online_features), bulk, provider (Feast's provider online_read) or public",
     )
     args = parser.parse_args(argv)
     settings = Settings.from_env()
