@@ -97,6 +97,10 @@ def materialize_runs(kind: str, users: int, work: Path, redis_url: str) -> dict:
     }
     if kind == "sqlite":
         result["online_store_bytes"] = (Path(settings.feast_dir) / "online_store.db").stat().st_size
+    else:  # one version's rows (one namespace): what sizes the cluster Redis's memory limit
+        import redis
+
+        result["redis_used_memory_bytes"] = redis.Redis.from_url(redis_url).info("memory")["used_memory"]
     return result, settings
 
 

@@ -369,6 +369,12 @@ def test_pipeline_steps_carry_the_namespace_to_what_serve_deploys(
         "serving": serving_record(snapshot, list(schemas.MODEL_FEATURES), "sha256:1", {}),
     })
     registry.set_alias(settings.model_name, "champion", "v1", "test", "first")
+    # The register step (train.register.publish_model) records the namespace on the version itself.
+    from train.register import publish_model
+
+    published = publish_model(settings, Path(model_uri), {"roc_auc": 0.99}, 0.5, list(schemas.MODEL_FEATURES),
+                              "sha256:1", "run-ns", "test", feature_store_dir=Path(store.path))
+    assert published.metadata["serving"]["features"]["online_project"] == project
     later = feature_step("run2", second)  # a later run: other data, its own namespace
     assert read_namespace(later.path) != project
 

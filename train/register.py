@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from fraud_common import storage
+from fraud_common.feature_store import read_namespace
 from fraud_common.logs import get_logger
 from fraud_common.registry import ModelVersion, open_registry
 from fraud_common.registry.serving import serving_record, store_snapshot, version_store_uri
@@ -128,7 +129,8 @@ def publish_model(
     serving = None
     if feature_store_dir is not None:
         snapshot = store_snapshot(feature_store_dir, version_store_uri(uri), settings)
-        serving = serving_record(snapshot, list(feature_names), data_fingerprint, training_data or {})
+        serving = serving_record(snapshot, list(feature_names), data_fingerprint, training_data or {},
+                                 online_project=read_namespace(feature_store_dir))
         log.info("stored the version's feature store snapshot at %s", snapshot)
     return register_model(
         settings, uri, metrics, threshold, feature_names, data_fingerprint, run_id, code_version, serving
