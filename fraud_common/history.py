@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Mapping
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -137,7 +137,7 @@ def encode(state: HistoryState) -> bytes:
     return encode_values(tuple(getattr(state, name) for name in STATE_FIELDS))
 
 
-def encode_values(values: tuple) -> bytes:
+def encode_values(values: Sequence) -> bytes:
     """``encode`` of a state given as its ``STATE_FIELDS`` values (int, four floats, int, int)."""
     return " ".join(map(repr, values)).encode()
 

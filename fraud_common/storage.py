@@ -214,32 +214,6 @@ def upload(local: str | Path, uri: str, settings: Settings) -> list[str]:
 
 
 @_s3_errors
-def share_published_file(source: str | Path, target: str | Path) -> Path:
-    """Put a published, never-modified file at ``target``: a hard link where both are on one
-    local file system, else a copy. Either way the file appears whole (temporary name, rename).
-
-    For write-once artifacts only (a version's feature store snapshot): a link shares the bytes,
-    so the file is made read-only first, and a writer that opens it anyway fails instead of
-    changing every version that shares it. At 1M users the online store is 3.1 GB: each copy
-    costs 5-10 s here, a link nothing.
-    """
-    source, target = Path(source), Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.link")
-    tmp.unlink(missing_ok=True)
-    try:
-        try:
-            os.chmod(source, 0o444)
-            os.link(source, tmp)
-        except OSError:  # another file system, or one without hard links
-            shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
-    finally:
-        # rename(2) leaves both names when they already are links to one file
-        tmp.unlink(missing_ok=True)
-    return target
-
-
 def download(uri: str, local: str | Path, settings: Settings) -> Path:
     """Copy a file or a folder/prefix from ``uri`` to the local path ``local``."""
     local = Path(local)
@@ -267,6 +241,32 @@ def download(uri: str, local: str | Path, settings: Settings) -> Path:
         if name.startswith(prefix):
             client.fget_object(bucket, name, str(local / name[len(prefix):]))
     return local
+
+
+def share_published_file(source: str | Path, target: str | Path) -> Path:
+    """Put a published, never-modified file at ``target``: a hard link where both are on one
+    local file system, else a copy. Either way the file appears whole (temporary name, rename).
+
+    For write-once artifacts only (a version's feature store snapshot): a link shares the bytes,
+    so the file is made read-only first, and a writer that opens it anyway fails instead of
+    changing every version that shares it. At 1M users the SQLite online store is 1.45 GB:
+    each copy costs seconds, a link nothing.
+    """
+    source, target = Path(source), Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.link")
+    tmp.unlink(missing_ok=True)
+    try:
+        try:
+            os.chmod(source, 0o444)
+            os.link(source, tmp)
+        except OSError:  # another file system, or one without hard links
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    finally:
+        # rename(2) leaves both names when they already are links to one file
+        tmp.unlink(missing_ok=True)
+    return target
 
 
 @contextlib.contextmanager

@@ -244,7 +244,7 @@ class RedisHistoryStore:
             self.client.unlink(*stale[start : start + SEED_CHUNK])
         rows = list(states.rows())
         for start in range(0, len(rows), SEED_CHUNK):
-            self.client.mset({self.key(u): history.encode_values(tuple(v)) for u, *v in rows[start : start + SEED_CHUNK]})
+            self.client.mset({self.key(u): history.encode_values(v) for u, *v in rows[start : start + SEED_CHUNK]})
         self.client.set(REDIS_SEED_KEY, marker)
 
     def seed_marker(self) -> str | None:

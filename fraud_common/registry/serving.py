@@ -123,20 +123,25 @@ def serving_record(snapshot_uri: str, feature_names: list[str], data_fingerprint
     }
 
 
+def _recorded(version: ModelVersion, block: str, key: str) -> str:
+    """``serving.<block>.<key>`` of a version's record ("" when absent: versions from before)."""
+    return str(((version.metadata.get(SERVING_KEY) or {}).get(block) or {}).get(key) or "")
+
+
 def prepared_of(version: ModelVersion) -> str:
     """The prepared features a version was trained from ("" when not recorded): what the
     predictor seeds the card histories from."""
-    return str(((version.metadata.get(SERVING_KEY) or {}).get("training_data") or {}).get("prepared_uri") or "")
+    return _recorded(version, "training_data", "prepared_uri")
 
 
 def snapshot_of(version: ModelVersion) -> str:
     """The feature store snapshot a version was registered with ("" for versions from before)."""
-    return str(((version.metadata.get(SERVING_KEY) or {}).get("features") or {}).get("snapshot_uri") or "")
+    return _recorded(version, "features", "snapshot_uri")
 
 
 def definitions_of(version: ModelVersion) -> str:
     """The feature definitions fingerprint a version records ("" when it records none)."""
-    return str(((version.metadata.get(SERVING_KEY) or {}).get("features") or {}).get("definitions_fingerprint") or "")
+    return _recorded(version, "features", "definitions_fingerprint")
 
 
 def serving_feast_dir(settings: Settings, version: ModelVersion) -> Path:
@@ -161,7 +166,7 @@ def online_project_of(version: ModelVersion, settings: Settings) -> str:
     """The Redis namespace (Feast project) ``version`` reads: the one on its record, else the one
     its snapshot names, else the base project (a snapshot from before namespaces); "" for a
     version with no snapshot (it reads the configured store). SnapshotError if unreadable."""
-    recorded = str(((version.metadata.get(SERVING_KEY) or {}).get("features") or {}).get("online_project") or "")
+    recorded = _recorded(version, "features", "online_project")
     if recorded:
         return check_namespace(recorded)
     snapshot = snapshot_of(version)
